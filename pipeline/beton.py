@@ -117,11 +117,11 @@ def describe(name: str, data: Labeled, raw: Path, storage: dict) -> dict:
                             "per_class": np.bincount(split.labels, minlength=len(data.classes)).tolist()}
     images = getattr(data.train, "images", None)  # only in-memory datasets have fixed-size images at hand
     meta["image_shape"] = list(images.shape[1:]) if images is not None else None
-    meta["mean"], meta["std"] = _channel_stats(images) if images is not None else (None, None)
+    meta["mean"], meta["std"] = channel_stats(images) if images is not None else (None, None)
     return meta
 
 
-def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of (n, H, W, 3) uint8 images scaled to [0, 1], in bounded memory."""
     total, squares = np.zeros(3), np.zeros(3)
     for chunk in np.array_split(images, max(1, len(images) // 4096)):

@@ -1,0 +1,56 @@
+"""The dataset registry: one entry per params/DVC name, saying how to prepare, load and store it."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import get_args
+
+from pipeline.datasets.cifar import CIFAR10, CIFAR100, SYNTHETIC, load_records, prepare_archive
+from pipeline.datasets.image_tree import load_tree, prepare_tree
+from pipeline.datasets.splits import Labeled
+from pipeline.datasets.synthetic import prepare_synthetic
+from pipeline.errors import UserError
+from pipeline.params import DatasetName, Params
+
+Stats = tuple[tuple[float, float, float], tuple[float, float, float]]  # per-channel mean, std
+CIFAR10_STATS: Stats = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS: Stats = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+IMAGENET_STATS: Stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+RAW = {"write_mode": "raw"}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    crop_size: int  # training resolution, pixels (PAPER.md section 4)
+    stats: Stats | None  # normalization (PAPER.md section 4); None: measured on the train split
+    prepare: Callable[[Params, Path, Path], None]  # (params, raw folder to write, downloads folder)
+    load: Callable[[Path], Labeled]  # raw folder -> classes and splits
+    storage: Callable[[Params], dict]  # ffcv RGBImageField arguments
+
+
+def _jpeg(name: str, params: Params) -> dict:
+    tree = getattr(params.datasets, name)
+    mode = getattr(tree, "write_mode", "jpg")
+    return {"write_mode": mode, "jpeg_quality": tree.jpeg_quality, "max_resolution": tree.max_resolution}
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec(32, CIFAR10_STATS, partial(prepare_archive, CIFAR10, "cifar10"),
+                           partial(load_records, layout=CIFAR10), lambda params: RAW),
+    "cifar100": DatasetSpec(32, CIFAR100_STATS, partial(prepare_archive, CIFAR100, "cifar100"),
+                            partial(load_records, layout=CIFAR100), lambda params: RAW),
+    "imagenet100": DatasetSpec(224, IMAGENET_STATS, lambda params, out, _: prepare_tree("imagenet100", params, out),
+                               load_tree, partial(_jpeg, "imagenet100")),
+    "synthetic": DatasetSpec(32, None, lambda params, out, _: prepare_synthetic(params, out),
+                             partial(load_records, layout=SYNTHETIC), lambda params: RAW),
+    "folder": DatasetSpec(32, IMAGENET_STATS, lambda params, out, _: prepare_tree("folder", params, out),
+                          load_tree, partial(_jpeg, "folder")),
+}
+assert set(DATASETS) == set(get_args(DatasetName)), "registry keys must equal the params names"
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    return DATASETS[name]

@@ -1,0 +1,20 @@
+"""The one command-line app: `python -m stages COMMAND --help`."""
+
+import typer
+
+from pipeline.params import load_params
+from stages.common import PARAMS_FILE, ParamsFile, stage
+from stages.data import convert, prepare
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Reproduce 'Projection Head is Secretly an Information Bottleneck'. Stages run from dvc.yaml.")
+
+
+def check_params(params_file: ParamsFile = PARAMS_FILE) -> None:
+    """Validate the whole params file; exit 2 naming every problem."""
+    params = load_params(params_file)
+    typer.echo(f"{params_file}: OK ({', '.join(params.experiment.datasets)})")
+
+
+for command in (check_params, prepare, convert):
+    app.command()(stage(command))

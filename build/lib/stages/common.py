@@ -1,0 +1,37 @@
+"""What every stage shares: the params option, logging, and turning user errors into exit codes."""
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.logging import RichHandler
+
+from pipeline.errors import UserError
+
+ParamsFile = Annotated[Path, typer.Option("--params", help="The params file (validated whole on every start).")]
+Dataset = Annotated[str, typer.Option(help="Dataset name: a key of `datasets` in params.yaml.")]
+PARAMS_FILE = Path("params.yaml")  # DVC's default params file
+
+
+def stage(fn: Callable) -> Callable:
+    """Configure logging, run `fn`, and report a `UserError` as one line and its exit code."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if sys.stderr.isatty():
+            handler: logging.Handler = RichHandler(show_path=False)
+        else:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return run

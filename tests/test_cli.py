@@ -1,0 +1,38 @@
+import pytest
+from typer.testing import CliRunner
+
+from stages.cli import app
+from tests.conftest import write_params
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", [[], ["check-params"], ["prepare"], ["convert"]])
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_unknown_dataset_lists_choices(tmp_path):
+    result = runner.invoke(app, ["prepare", "--dataset", "mnist", "--out", str(tmp_path / "o"),
+                                 "--downloads", str(tmp_path / "d"), "--params", str(write_params(tmp_path / "p.yaml"))])
+    assert result.exit_code == 1
+    assert "unknown dataset 'mnist'; choose from cifar10, cifar100, imagenet100, synthetic, folder" in result.output
+
+
+def test_stage_refuses_bad_params_before_doing_anything(tmp_path):
+    params = write_params(tmp_path / "p.yaml", datasets={"synthetic": {"num_classes": 0}})
+    result = runner.invoke(app, ["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "o"),
+                                 "--downloads", str(tmp_path / "d"), "--params", str(params)])
+    assert result.exit_code == 2 and "datasets.synthetic.num_classes: found 0" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+
+
+def test_prepare_and_convert_from_the_command_line(tmp_path):
+    params = str(write_params(tmp_path / "p.yaml", datasets={"synthetic": {"train_per_class": 3, "test_per_class": 2}}))
+    common = ["--dataset", "synthetic", "--params", params]
+    assert runner.invoke(app, ["prepare", *common, "--out", str(tmp_path / "raw"), "--downloads", "d"]).exit_code == 0
+    result = runner.invoke(app, ["convert", *common, "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "ffcv"),
+                                 "--metadata", str(tmp_path / "m" / "meta.json")])
+    assert result.exit_code == 0, result.output
+    assert '"count": 30' in (tmp_path / "m" / "meta.json").read_text()

@@ -1,0 +1,77 @@
+from typing import get_args
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.datasets import DATASETS
+from pipeline.errors import ParamsError
+from pipeline.params import DatasetName, load_params
+from stages.cli import app
+from tests.conftest import REPO, write_params
+
+
+def test_committed_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.datasets.cifar10.md5 == "c32a1d4ab5d03f1284b67883e8d87530"  # PAPER.md section 5
+
+
+def test_registry_keys_are_the_params_names():
+    assert set(DATASETS) == set(get_args(DatasetName))
+
+
+def test_misspelled_key_names_path_and_suggests(tmp_path):
+    path = write_params(tmp_path / "p.yaml", datasets={"cifar10": {"md55": "x"}})
+    with pytest.raises(ParamsError, match=r"datasets\.cifar10\.md55: unknown key \(did you mean 'md5'\?\)"):
+        load_params(path)
+
+
+def test_bad_value_names_path_value_and_range(tmp_path):
+    path = write_params(tmp_path / "p.yaml", datasets={"synthetic": {"num_classes": 1}})
+    with pytest.raises(ParamsError, match=r"datasets\.synthetic\.num_classes: found 1; .*greater than or equal to 2"):
+        load_params(path)
+
+
+def test_unknown_dataset_name_suggests(tmp_path):
+    path = write_params(tmp_path / "p.yaml", experiment={"datasets": ["cifar1O"]})
+    with pytest.raises(ParamsError, match=r"experiment\.datasets\.0: found 'cifar1O'.*did you mean 'cifar10'"):
+        load_params(path)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = write_params(tmp_path / "p.yaml", download={"retries": -1, "timeout": 3})
+    with pytest.raises(ParamsError, match=r"2 problem") as error:
+        load_params(path)
+    assert "download.retries" in str(error.value) and "download.timeout: unknown key" in str(error.value)
+
+
+def test_strict_types_refuse_strings_for_numbers(tmp_path):
+    path = write_params(tmp_path / "p.yaml", download={"timeout_s": "60"})
+    with pytest.raises(ParamsError, match=r"download\.timeout_s: found '60'"):
+        load_params(path)
+
+
+def test_yaml_1_2_reads_exponent_floats(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text((REPO / "params.yaml").read_text().replace("timeout_s: 60.0", "timeout_s: 6e1"))
+    assert load_params(path).download.timeout_s == 60.0
+
+
+def test_missing_file_and_invalid_yaml(tmp_path):
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "absent.yaml")
+    (tmp_path / "bad.yaml").write_text("experiment: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+
+
+def test_check_params_exits_2_without_traceback(tmp_path):
+    path = write_params(tmp_path / "p.yaml", datasets={"synthetic": {"seeed": 1}})
+    result = CliRunner().invoke(app, ["check-params", "--params", str(path)])
+    assert result.exit_code == 2
+    assert "datasets.synthetic.seeed: unknown key (did you mean 'seed'?)" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_check_params_accepts_committed_file():
+    result = CliRunner().invoke(app, ["check-params", "--params", str(REPO / "params.yaml")])
+    assert result.exit_code == 0, result.output
