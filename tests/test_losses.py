@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.losses import barlow_twins, nt_xent
+
+
+def nt_xent_by_hand(z_a, z_b, temperature):
+    """PAPER.md 3.1 written out anchor by anchor."""
+    z = torch.nn.functional.normalize(torch.cat([z_a, z_b]), dim=1).double()
+    n2 = len(z)
+    total = 0.0
+    for i in range(n2):
+        p = (i + n2 // 2) % n2
+        sim = lambda k: math.exp(float(z[i] @ z[k]) / temperature)  # noqa: E731
+        negatives = sum(sim(k) for k in range(n2) if k not in (i, p))
+        total += -math.log(sim(p) / (sim(p) + negatives))
+    return total / n2
+
+
+def test_nt_xent_matches_reference():
+    torch.manual_seed(0)
+    z_a, z_b = torch.randn(6, 5), torch.randn(6, 5)
+    assert nt_xent(z_a, z_b, 0.2).item() == pytest.approx(nt_xent_by_hand(z_a, z_b, 0.2), rel=1e-5)
+
+
+def test_nt_xent_of_identical_embeddings_is_log_2n_minus_1():
+    z = torch.ones(8, 4)
+    assert nt_xent(z, z, 0.5).item() == pytest.approx(math.log(2 * 8 - 1), rel=1e-6)
+
+
+def test_nt_xent_is_scale_invariant_and_small_for_matched_distinct_views():
+    torch.manual_seed(1)
+    z = torch.eye(16)[:8] * 3
+    assert nt_xent(z, 5 * z, 0.1).item() < 1e-3  # positives aligned, negatives orthogonal
+    z_a, z_b = torch.randn(4, 3), torch.randn(4, 3)
+    assert nt_xent(z_a, z_b, 0.2).item() == pytest.approx(nt_xent(7 * z_a, 0.5 * z_b, 0.2).item(), rel=1e-5)
+
+
+def barlow_by_hand(z_a, z_b, offdiag_weight, scale):
+    def standardize(z):
+        return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+    c = standardize(z_a).T @ standardize(z_b) / len(z_a)
+    off = c - torch.diag(torch.diag(c))
+    return scale * (((1 - torch.diag(c)) ** 2).sum() + offdiag_weight * (off**2).sum())
+
+
+def test_barlow_twins_matches_reference():
+    torch.manual_seed(0)
+    z_a, z_b = torch.randn(32, 7), torch.randn(32, 7)
+    expected = barlow_by_hand(z_a, z_b, 0.0051, 0.1)
+    torch.testing.assert_close(barlow_twins(z_a, z_b), expected)
+    torch.testing.assert_close(barlow_twins(z_a, z_b, offdiag_weight=0.5, scale=2.0), barlow_by_hand(z_a, z_b, 0.5, 2.0))
+
+
+def test_barlow_twins_is_affine_invariant_per_feature():
+    torch.manual_seed(2)
+    z_a, z_b = torch.randn(64, 5), torch.randn(64, 5)
+    scale, shift = torch.rand(5) * 3 + 0.5, torch.randn(5)
+    torch.testing.assert_close(barlow_twins(z_a * scale + shift, z_b), barlow_twins(z_a, z_b), rtol=1e-4, atol=1e-5)
+
+
+def test_barlow_twins_of_identical_decorrelated_views_is_near_zero():
+    z = torch.linalg.qr(torch.randn(256, 8))[0] * 16  # orthogonal, zero-mean-ish columns
+    z = z - z.mean(0)
+    assert barlow_twins(z, z).item() < 1e-2
