@@ -1,0 +1,91 @@
+"""Augmentations against torchvision's functional ops, image by image, and the CPU kernel against the torch ops."""
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
+
+from pipeline.augment import (ViewSpec, adjust_hue, augment, augment_numba, augment_torch, color_jitter, draw,
+                              gaussian_blur, resized_crop)
+
+MEAN, STD = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+SYMMETRIC = ViewSpec(32, jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
+SOLARIZING = ViewSpec(32, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.0, solarize_p=0.2, interpolation="bilinear")
+
+
+def images(b=16, size=32, seed=0):
+    return torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_resized_crop_matches_torchvision(interpolation):
+    x = torch.rand(5, 3, 32, 32)
+    boxes = torch.tensor([[0, 0, 32, 32], [3, 7, 20, 12], [5, 2, 9, 25], [10, 1, 14, 14], [30, 30, 2, 2]])
+    flip = torch.tensor([False, True, False, True, True])
+    out = resized_crop(x, *boxes.unbind(1), flip, 32, interpolation)
+    mode = InterpolationMode.BICUBIC if interpolation == "bicubic" else InterpolationMode.BILINEAR
+    for k, (top, left, h, w) in enumerate(boxes.tolist()):
+        expected = TF.resized_crop(x[k], top, left, h, w, [32, 32], mode, antialias=True)
+        torch.testing.assert_close(out[k], TF.hflip(expected) if flip[k] else expected, atol=2e-6, rtol=0)
+
+
+def test_color_jitter_matches_torchvision_in_each_order():
+    x = torch.rand(6, 3, 32, 32)
+    factors = torch.tensor([[1.5, 0.6, 1.7, 0.15], [0.3, 1.8, 0.2, -0.2], [1.0, 1.0, 1.0, 0.0]] * 2)
+    order = torch.stack([torch.randperm(4, generator=torch.Generator().manual_seed(k)) for k in range(6)])
+    out = color_jitter(x.clone(), factors, order)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for k in range(6):
+        expected = x[k]
+        for op_index in order[k].tolist():
+            expected = ops[op_index](expected, float(factors[k, op_index]))
+        torch.testing.assert_close(out[k], expected, atol=1e-5, rtol=0)
+
+
+def test_hue_shift_of_gray_is_gray_and_full_turn_is_identity():
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(adjust_hue(x, torch.tensor([0.5, -0.5]) * 2), x, atol=1e-5, rtol=0)
+    gray = x[:, :1].expand(-1, 3, -1, -1)
+    torch.testing.assert_close(adjust_hue(gray, torch.tensor([0.3, 0.1])), gray, atol=1e-6, rtol=0)
+
+
+def test_gaussian_blur_matches_torchvision_per_sigma():
+    x = torch.rand(4, 3, 32, 32)
+    sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
+    out = gaussian_blur(x, sigma, 13)
+    for k in range(4):
+        torch.testing.assert_close(out[k], TF.gaussian_blur(x[k], [13, 13], [float(sigma[k])] * 2), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("spec", [SYMMETRIC, SOLARIZING], ids=["symmetric", "asymmetric-b"])
+def test_cpu_kernel_matches_torch_ops(spec):
+    x = images(64)
+    d = draw(64, (32, 32), spec, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(augment_numba(x, spec, d, MEAN, STD), augment_torch(x, spec, d, MEAN, STD),
+                               atol=2e-4, rtol=0)
+
+
+def test_cpu_kernel_reads_channels_last_batches():
+    x = images(8)
+    d = draw(8, (32, 32), SYMMETRIC, torch.Generator().manual_seed(4))
+    channels_last = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # how FFCV hands batches over
+    torch.testing.assert_close(augment_numba(channels_last, SYMMETRIC, d, MEAN, STD),
+                               augment_numba(x.contiguous(), SYMMETRIC, d, MEAN, STD))
+
+
+def test_parameters_are_drawn_per_sample_and_reproducibly():
+    x = images(1).expand(256, -1, -1, -1).contiguous()  # one image, 256 times
+    view_a = augment(x, SYMMETRIC, MEAN, STD, torch.Generator().manual_seed(0))
+    view_b = augment(x, SYMMETRIC, MEAN, STD, torch.Generator().manual_seed(1))
+    assert len({tuple(v.flatten()[:50].tolist()) for v in view_a}) == 256  # every sample its own draw
+    assert not torch.allclose(view_a, view_b)
+    torch.testing.assert_close(augment(x, SYMMETRIC, MEAN, STD, torch.Generator().manual_seed(0)), view_a)
+
+
+def test_probabilities_are_respected():
+    d = draw(20000, (32, 32), SYMMETRIC, torch.Generator().manual_seed(5))
+    rates = torch.cat([d.flip[:, None], d.apply], 1).float().mean(0)
+    torch.testing.assert_close(rates, torch.tensor([0.5, 0.8, 0.2, 0.5, 0.0]), atol=0.015, rtol=0)
+    area = (d.boxes[:, 2] * d.boxes[:, 3]).float() / 1024
+    assert area.min() >= 0.08 - 0.02 and area.max() <= 1.0
+    assert d.factors[:, 3].abs().max() <= 0.2 and d.factors[:, :3].min() >= 0.2 and d.factors[:, :3].max() <= 1.8
