@@ -16,6 +16,9 @@ from ruamel.yaml.error import YAMLError
 from pipeline.errors import ParamsError
 
 DatasetName = Literal["cifar10", "cifar100", "imagenet100", "synthetic", "folder"]
+MethodName = Literal["simclr", "barlow_twins"]
+Probability = Annotated[float, Field(ge=0, le=1)]
+Positive = Annotated[float, Field(gt=0)]
 Md5 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 Url = Annotated[str, Field(pattern=r"^https?://\S+$")]
 
@@ -69,22 +72,136 @@ class DownloadParams(Strict):
 
 
 class ExperimentParams(Strict):
-    """Which cells `dvc repro` builds (the DVC foreach/matrix lists)."""
+    """Which cells `dvc repro` builds: the lists of the DVC foreach/matrix (dataset × method × variant × seed)."""
 
     datasets: list[DatasetName] = Field(min_length=1)
+    methods: list[MethodName] = Field(min_length=1)
+    variants: list[str] = Field(min_length=1, description="Names defined under `variants`.")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
 
-    @field_validator("datasets")
+    @field_validator("datasets", "methods", "variants", "seeds")
     @classmethod
-    def _unique(cls, names: list[str]) -> list[str]:
+    def _unique(cls, names: list) -> list:
         if len(set(names)) != len(names):
-            raise ValueError("each dataset may appear once")
+            raise ValueError("each entry may appear once")
         return names
+
+
+class VariantParams(Strict):
+    """Which of the paper's projector modifications a variant switches on (any combination)."""
+
+    mi_reg: bool = Field(description="Add mi_weight (λ) · I(Z1;Z2) to the loss (PAPER.md 3.3).")
+    discrete: bool = Field(description="Quantize the projector output to `levels` (L) values (3.4).")
+    sae: bool = Field(description="Sparse-autoencoder projector, sae_latent_dim (d), sae_topk (k) (3.5).")
+
+
+class ViewParams(Strict):
+    crop_scale: list[Probability] = Field(min_length=2, max_length=2, description="RandomResizedCrop area range.")
+    interpolation: Literal["bicubic", "bilinear"]
+    flip_p: Probability
+    jitter: list[Annotated[float, Field(ge=0)]] = Field(
+        min_length=4, max_length=4, description="Colour jitter strengths: brightness, contrast, saturation, hue.")
+    jitter_p: Probability
+    grayscale_p: Probability
+    blur_p: Probability
+    blur_sigma: list[Positive] = Field(min_length=2, max_length=2)
+    solarize_p: Probability
+
+
+class AugmentationParams(Strict):
+    """The two views' augmentations (symmetric when both are equal), PAPER.md section 4."""
+
+    view_a: ViewParams
+    view_b: ViewParams
+
+
+class CellParams(Strict):
+    """One row of PAPER.md section 4's table: pretraining one method on one dataset."""
+
+    epochs: int = Field(ge=1, le=10_000)
+    warmup_epochs: int = Field(ge=0, description="Linear warmup before the cosine decay.")
+    batch_size: int = Field(ge=2, le=65_536, description="Global batch (all GPUs together).")
+    base_lr: Positive = Field(description="LARS lr for batch 256; scaled by batch_size / 256.")
+    classifier_lr: Positive = Field(description="Online classifier lr for batch 256; scaled likewise.")
+    augmentation: str = Field(description="A name defined under `augmentations`.")
+    backbone_width: int = Field(ge=1, le=256, description="ResNet-18 base width: 64 is the paper's.")
+    projector_hidden_dim: int = Field(ge=1)
+    projector_out_dim: int = Field(ge=1)
+    mi_weight: Annotated[float, Field(ge=0)] = Field(description="λ of the MI regularizer (variants with mi_reg).")
+    renyi_alpha: int = Field(ge=2, le=8, description="α of the matrix Rényi entropy.")
+    levels: int = Field(ge=2, le=1000, description="L of the discretized projector (variants with discrete).")
+    sae_latent_dim: int = Field(ge=1, description="d of the sparse autoencoder (variants with sae).")
+    sae_topk: int = Field(ge=1, description="k of the sparse autoencoder: latents kept per sample.")
+
+
+class SimclrParams(CellParams):
+    temperature: Positive = Field(description="τ of NT-Xent.")
+
+
+class BarlowTwinsParams(CellParams):
+    offdiag_weight: Positive = Field(description="λ_BT, the off-diagonal weight.")
+    loss_scale: Positive
+
+
+class MethodsParams(Strict):
+    simclr: SimclrParams
+    barlow_twins: BarlowTwinsParams
+
+
+class PretrainParams(Strict):
+    cifar10: MethodsParams
+    cifar100: MethodsParams
+    imagenet100: MethodsParams
+    synthetic: MethodsParams
+    folder: MethodsParams
+
+
+class OptimizerParams(Strict):
+    """LARS and its schedule (PAPER.md section 4), shared by every cell."""
+
+    momentum: Probability
+    weight_decay: Annotated[float, Field(ge=0)]
+    eta: Positive = Field(description="LARS trust coefficient.")
+    clip_lr: bool
+    exclude_bias_n_norm: bool
+    warmup_start_lr: Annotated[float, Field(ge=0)]
+
+
+class TrainingParams(Strict):
+    """How training runs: these change speed, and on GPU rounding, not the method."""
+
+    precision: Literal["bf16", "fp16", "fp32"] = Field(description="Autocast dtype on CUDA (CPU runs fp32).")
+    channels_last: bool
+    compile: bool = Field(description="torch.compile the model.")
+    loader_workers: int = Field(ge=-1, description="FFCV decoding threads (-1: all cores).")
+    eval_batch_size: int = Field(ge=1)
 
 
 class Params(Strict):
     experiment: ExperimentParams
     download: DownloadParams
     datasets: DatasetsParams
+    variants: dict[str, VariantParams]
+    augmentations: dict[str, AugmentationParams]
+    optimizer: OptimizerParams
+    training: TrainingParams
+    pretrain: PretrainParams
+
+
+def _cross_check(params: Params) -> list[str]:
+    """Problems that span keys: names that must exist elsewhere, sizes that must fit."""
+    problems = [f"experiment.variants: {name!r} is not defined under variants{_did_you_mean(name, list(params.variants))}"
+                for name in params.experiment.variants if name not in params.variants]
+    for dataset in PretrainParams.model_fields:
+        for method in MethodsParams.model_fields:
+            cell, key = getattr(getattr(params.pretrain, dataset), method), f"pretrain.{dataset}.{method}"
+            if cell.augmentation not in params.augmentations:
+                problems.append(f"{key}.augmentation: {cell.augmentation!r} is not defined under augmentations"
+                                + _did_you_mean(cell.augmentation, list(params.augmentations)))
+            if cell.sae_topk > cell.sae_latent_dim:
+                problems.append(f"{key}.sae_topk: found {cell.sae_topk}; must be at most sae_latent_dim "
+                                f"({cell.sae_latent_dim})")
+    return problems
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
@@ -97,10 +214,16 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     except YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     try:
-        return Params.model_validate(data)
+        params = Params.model_validate(data)
     except ValidationError as e:
-        lines = [_describe(err) for err in e.errors()]
-        raise ParamsError(f"{path}: {len(lines)} problem(s)\n  " + "\n  ".join(lines)) from None
+        _fail(path, [_describe(err) for err in e.errors()])
+    if problems := _cross_check(params):
+        _fail(path, problems)
+    return params
+
+
+def _fail(path: Path, problems: list[str]):
+    raise ParamsError(f"{path}: {len(problems)} problem(s)\n  " + "\n  ".join(problems)) from None
 
 
 def _describe(err: dict) -> str:
@@ -115,7 +238,8 @@ def _describe(err: dict) -> str:
     hint = ""
     if err["type"] == "literal_error" and isinstance(err["input"], str):
         hint = _did_you_mean(err["input"], re.findall(r"'([^']*)'", err["ctx"]["expected"]))
-    return f"{key}: found {err['input']!r}; {err['msg']}{hint}"
+    found = repr(err["input"])
+    return f"{key}: found {found if len(found) < 80 else found[:77] + '...'}; {err['msg']}{hint}"
 
 
 def _fields_at(loc: tuple) -> list[str]:

@@ -4,7 +4,9 @@ import typer
 
 from pipeline.params import load_params
 from stages.common import PARAMS_FILE, ParamsFile, stage
+from stages.bench import bench
 from stages.data import convert, prepare
+from stages.pretrain import pretrain_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Reproduce 'Projection Head is Secretly an Information Bottleneck'. Stages run from dvc.yaml.")
@@ -16,5 +18,6 @@ def check_params(params_file: ParamsFile = PARAMS_FILE) -> None:
     typer.echo(f"{params_file}: OK ({', '.join(params.experiment.datasets)})")
 
 
-for command in (check_params, prepare, convert):
+for command in (check_params, prepare, convert, bench):
     app.command()(stage(command))
+app.command("pretrain")(stage(pretrain_command))

@@ -101,10 +101,10 @@ def cifar_archive(layout: RecordLayout, num_classes: int, per_file: int, seed: i
     return buffer.getvalue(), contents
 
 
-def write_params(path: Path, **sections) -> Path:
-    """The committed params.yaml with `sections` merged in (nested dicts), written to `path`."""
+def write_params(path: Path, base: Path = REPO / "params.yaml", **sections) -> Path:
+    """`base` (the committed params.yaml) with `sections` merged in (nested dicts), written to `path`."""
     yaml = YAML()
-    data = yaml.load((REPO / "params.yaml").read_text())
+    data = yaml.load(base.read_text())
     _merge(data, sections)
     with open(path, "w") as f:
         yaml.dump(data, f)

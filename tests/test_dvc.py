@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,13 @@ import pytest
 from tests.conftest import REPO, write_params
 
 pytestmark = pytest.mark.slow
+TINY_CELL = {"epochs": 3, "warmup_epochs": 1, "batch_size": 16, "backbone_width": 4, "projector_hidden_dim": 32,
+             "projector_out_dim": 16}
+SMALL = {"experiment": {"datasets": ["synthetic"], "methods": ["simclr", "barlow_twins"], "variants": ["baseline"],
+                        "seeds": [0]},
+         "datasets": {"synthetic": {"train_per_class": 20, "test_per_class": 5}},
+         "training": {"loader_workers": 1},
+         "pretrain": {"synthetic": {"simclr": TINY_CELL, "barlow_twins": TINY_CELL}}}
 
 
 def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -28,30 +37,50 @@ def project(tmp_path):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, tmp_path / name)
-    write_params(tmp_path / "params.yaml", experiment={"datasets": ["synthetic"]},
-                 datasets={"synthetic": {"train_per_class": 20, "test_per_class": 5}})
+    write_params(tmp_path / "params.yaml", **SMALL)
     run(tmp_path, "git", "init", "-q")
     run(tmp_path, "dvc", "init", "-q")
     return tmp_path
 
 
 def test_repro_builds_data_stages_and_tracks_params(project):
-    run(project, "dvc", "repro")
+    run(project, "dvc", "repro", "convert@synthetic")
     assert sorted(p.name for p in (project / "data" / "ffcv" / "synthetic").iterdir()) == ["test.beton", "train.beton"]
     assert '"count": 200' in (project / "metrics" / "datasets" / "synthetic.json").read_text()
     assert "up to date" in run(project, "dvc", "status").stdout
-    assert "changed" not in run(project, "dvc", "repro").stdout  # a second run recomputes nothing
+    assert "changed" not in run(project, "dvc", "repro", "convert@synthetic").stdout  # nothing recomputed
 
-    write_params(project / "params.yaml", experiment={"datasets": ["synthetic"]},
-                 datasets={"synthetic": {"train_per_class": 20, "test_per_class": 5, "seed": 1}})
-    status = json.loads(run(project, "dvc", "status", "--json").stdout)
+    write_params(project / "params.yaml", project / "params.yaml", datasets={"synthetic": {"seed": 1}})
+    status = json.loads(run(project, "dvc", "status", "--json", "convert@synthetic").stdout)
     changed = {"changed deps": {"params.yaml": {"datasets.synthetic": "modified"}}}
     assert status == {"prepare@synthetic": [changed], "convert@synthetic": [changed]}
 
 
+def test_killed_pretrain_resumes_under_dvc_and_only_changed_cells_rerun(project):
+    run(project, "dvc", "repro", "convert@synthetic")
+    cell = "pretrain@synthetic-simclr-baseline-0"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    repro = subprocess.Popen(["dvc", "repro", cell], cwd=project, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = project / "runs" / "synthetic" / "simclr" / "baseline" / "seed0" / "checkpoint.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and repro.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(repro.pid, signal.SIGKILL)
+    repro.wait()
+    assert "resuming from" in run(project, "dvc", "repro").stdout  # finishes the cell, then the other
+    metrics = json.loads((project / "metrics" / "pretrain" / "synthetic-simclr-baseline-seed0.json").read_text())
+    assert metrics["epochs"] == 3 and metrics["seed"] == 0
+    assert "up to date" in run(project, "dvc", "status").stdout
+
+    write_params(project / "params.yaml", project / "params.yaml",
+                 pretrain={"synthetic": {"barlow_twins": {"base_lr": 0.2}}})
+    assert list(json.loads(run(project, "dvc", "status", "--json").stdout)) == ["pretrain@synthetic-barlow_twins-baseline-0"]
+
+
 def test_repro_with_a_params_typo_fails_and_names_it(project):
-    write_params(project / "params.yaml", experiment={"datasets": ["synthetic"]}, datasets={"synthetic": {"seeed": 1}})
-    result = run(project, "dvc", "repro", check=False)
+    write_params(project / "params.yaml", project / "params.yaml", datasets={"synthetic": {"seeed": 1}})
+    result = run(project, "dvc", "repro", "convert@synthetic", check=False)
     assert result.returncode != 0
     assert "datasets.synthetic.seeed: unknown key (did you mean 'seed'?)" in result.stdout + result.stderr
     assert not (project / "data" / "raw" / "synthetic").exists()

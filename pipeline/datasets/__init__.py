@@ -23,6 +23,7 @@ RAW = {"write_mode": "raw"}
 @dataclass(frozen=True)
 class DatasetSpec:
     crop_size: int  # training resolution, pixels (PAPER.md section 4)
+    stem: str  # ResNet stem: "cifar" for 32-px data; "imagenet": variable-size images cropped by the decoder
     stats: Stats | None  # normalization (PAPER.md section 4); None: measured on the train split
     prepare: Callable[[Params, Path, Path], None]  # (params, raw folder to write, downloads folder)
     load: Callable[[Path], Labeled]  # raw folder -> classes and splits
@@ -36,15 +37,15 @@ def _jpeg(name: str, params: Params) -> dict:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "cifar10": DatasetSpec(32, CIFAR10_STATS, partial(prepare_archive, CIFAR10, "cifar10"),
+    "cifar10": DatasetSpec(32, "cifar", CIFAR10_STATS, partial(prepare_archive, CIFAR10, "cifar10"),
                            partial(load_records, layout=CIFAR10), lambda params: RAW),
-    "cifar100": DatasetSpec(32, CIFAR100_STATS, partial(prepare_archive, CIFAR100, "cifar100"),
+    "cifar100": DatasetSpec(32, "cifar", CIFAR100_STATS, partial(prepare_archive, CIFAR100, "cifar100"),
                             partial(load_records, layout=CIFAR100), lambda params: RAW),
-    "imagenet100": DatasetSpec(224, IMAGENET_STATS, lambda params, out, _: prepare_tree("imagenet100", params, out),
+    "imagenet100": DatasetSpec(224, "imagenet", IMAGENET_STATS, lambda params, out, _: prepare_tree("imagenet100", params, out),
                                load_tree, partial(_jpeg, "imagenet100")),
-    "synthetic": DatasetSpec(32, None, lambda params, out, _: prepare_synthetic(params, out),
+    "synthetic": DatasetSpec(32, "cifar", None, lambda params, out, _: prepare_synthetic(params, out),
                              partial(load_records, layout=SYNTHETIC), lambda params: RAW),
-    "folder": DatasetSpec(32, IMAGENET_STATS, lambda params, out, _: prepare_tree("folder", params, out),
+    "folder": DatasetSpec(32, "cifar", IMAGENET_STATS, lambda params, out, _: prepare_tree("folder", params, out),
                           load_tree, partial(_jpeg, "folder")),
 }
 assert set(DATASETS) == set(get_args(DatasetName)), "registry keys must equal the params names"

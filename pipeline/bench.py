@@ -1,0 +1,124 @@
+"""Side-by-side speed measurements on one machine, same data: loading, training step, regularizer.
+
+(a) two-view training batches/s: our path (FFCV decode + per-sample augmentation on the device)
+    against the reference path (a torch Dataset of PIL images with torchvision transforms in a
+    multi-worker DataLoader, as solo-learn does);
+(b) pretraining images/s for a model size; (c) the MI regularizer's share of the step time.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from pipeline.augment import augment
+from pipeline.datasets.splits import Split
+from pipeline.loaders import ssl_loader
+from pipeline.mutual_info import matrix_mutual_info
+from pipeline.optim import LARS
+from pipeline.pretrain import LOSSES, Run, build_model
+from pipeline.params import ViewParams
+
+
+def batches_per_second(batches: Iterator, count: int, warmup: int) -> float:
+    for _ in islice(batches, warmup):
+        pass
+    start = time.perf_counter()
+    for _ in islice(batches, count):
+        pass
+    return count / (time.perf_counter() - start)
+
+
+def our_batches(run: Run, beton: Path, batch_size: int, workers: int, device: torch.device) -> Iterator:
+    loader = ssl_loader(beton, batch_size, seed=0, workers=workers, device=device,
+                        crop_size=run.crop_size if run.decoder_crops else None)
+    stats = (torch.tensor(run.mean, device=device), torch.tensor(run.std, device=device))
+    generator = torch.Generator(device).manual_seed(0)
+    views = (run.view(run.augmentation.view_a), run.view(run.augmentation.view_b))
+    while True:
+        for x_a, x_b, y in loader:
+            yield [augment(x, view, *stats, generator) for x, view in zip((x_a, x_b), views)], y
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+
+class _Blur:
+    """solo-learn's GaussianBlur: PIL's filter with σ uniform in [low, high]."""
+
+    def __init__(self, sigma: list[float]):
+        self.sigma = sigma
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(*self.sigma)))
+
+
+def reference_transform(view: ViewParams, size: int, mean, std) -> Callable:
+    mode = T.InterpolationMode.BICUBIC if view.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=tuple(view.crop_scale), interpolation=mode),
+        T.RandomApply([T.ColorJitter(*view.jitter)], p=view.jitter_p),
+        T.RandomGrayscale(p=view.grayscale_p),
+        T.RandomApply([_Blur(view.blur_sigma)], p=view.blur_p),
+        T.RandomApply([T.RandomSolarize(128, p=1.0)], p=view.solarize_p),
+        T.RandomHorizontalFlip(p=view.flip_p),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+class _TwoViews(Dataset):
+    def __init__(self, split: Split, transforms: tuple[Callable, Callable]):
+        self.split, self.transforms = split, transforms
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        image, label = self.split[i]
+        pil = Image.fromarray(image)
+        return [t(pil) for t in self.transforms], label
+
+
+def reference_batches(run: Run, split: Split, batch_size: int, workers: int) -> Iterator:
+    transforms = tuple(reference_transform(v, run.crop_size, run.mean, run.std)
+                       for v in (run.augmentation.view_a, run.augmentation.view_b))
+    loader = DataLoader(_TwoViews(split, transforms), batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                        persistent_workers=workers > 0)
+    while True:
+        yield from loader
+
+
+def step_seconds(run: Run, batch_size: int, steps: int, device: torch.device, regularize: bool) -> float:
+    """Seconds per training step (both views, SSL loss, online classifier, LARS), with or without the
+    MI regularizer, on random inputs."""
+    torch.manual_seed(0)
+    model = build_model(run.method, run.cell, run.variant, run.stem, run.num_classes).to(device)
+    optimizer = LARS(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, eta=0.02, clip_lr=True,
+                     exclude_bias_n_norm=True)
+    loss_fn = LOSSES[run.method](run.cell)
+    x = torch.randn(2, batch_size, 3, run.crop_size, run.crop_size, device=device)
+    y = torch.randint(0, run.num_classes, (batch_size,), device=device)
+
+    def step() -> None:
+        h_a, h_b, z_a, z_b, logits = model(x[0], x[1])
+        loss = loss_fn(z_a, z_b) + F.cross_entropy(logits, torch.cat([y, y]))
+        if regularize:
+            loss = loss + 1e-4 * matrix_mutual_info(torch.cat([h_a, h_b]), torch.cat([z_a, z_b]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps

@@ -1,0 +1,22 @@
+"""Where a run executes: the device, and the process group when started by torchrun."""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_device() -> torch.device:
+    """CUDA when available (the local rank's GPU under torchrun), else CPU; joins torchrun's group."""
+    cuda = torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if not cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,47 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.optim import LARS, warmup_cosine
+
+
+def test_lars_matches_hand_computed_steps():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ‖w‖ = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))  # 1-D: excluded from LARS and weight decay
+    lr, wd, eta, mu = 0.5, 0.1, 0.02, 0.9
+    opt = LARS([w, b], lr=lr, momentum=mu, weight_decay=wd, eta=eta, clip_lr=True, exclude_bias_n_norm=True)
+    g1 = torch.tensor([[0.0, 1.0]])  # ‖g‖ = 1
+    w.grad, b.grad = g1.clone(), torch.tensor([2.0])
+    opt.step()
+    r = min(eta * 5 / (1 + wd * 5 + 1e-8) / lr, 1.0)
+    d1 = [(0.0 + wd * 3) * r, (1.0 + wd * 4) * r]
+    expected_w = [3.0 - lr * d1[0], 4.0 - lr * d1[1]]
+    assert w.tolist()[0] == pytest.approx(expected_w, rel=1e-6)
+    assert b.item() == pytest.approx(1.0 - lr * 2.0)  # buffer starts as the first d
+
+    g2 = torch.tensor([[1.0, 0.0]])
+    w.grad, b.grad = g2.clone(), torch.tensor([-1.0])
+    opt.step()
+    p_norm = math.hypot(*expected_w)
+    r2 = min(eta * p_norm / (1 + wd * p_norm + 1e-8) / lr, 1.0)
+    d2 = [(1.0 + wd * expected_w[0]) * r2, (0.0 + wd * expected_w[1]) * r2]
+    buf = [mu * d1[i] + d2[i] for i in range(2)]
+    assert w.tolist()[0] == pytest.approx([expected_w[i] - lr * buf[i] for i in range(2)], rel=1e-6)
+    assert b.item() == pytest.approx(1.0 - lr * 2.0 - lr * (mu * 2.0 - 1.0))
+
+
+def test_lars_clip_caps_the_ratio_at_one():
+    w = torch.nn.Parameter(torch.ones(2, 2))
+    opt = LARS([w], lr=1e-6, momentum=0.0, weight_decay=0.0, eta=1.0, clip_lr=True, exclude_bias_n_norm=True)
+    w.grad = torch.full((2, 2), 0.5)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.ones(2, 2) - 1e-6 * 0.5)  # r = min(huge, 1) = 1
+
+
+def test_warmup_cosine_endpoints():
+    assert warmup_cosine(0, 100, 10, 0.4, 3e-5) == pytest.approx(3e-5)
+    assert warmup_cosine(9, 100, 10, 0.4, 3e-5) == pytest.approx(0.4)
+    assert warmup_cosine(10, 100, 10, 0.4, 3e-5) == pytest.approx(0.4)
+    assert warmup_cosine(55, 100, 10, 0.4, 3e-5) == pytest.approx(0.2)
+    assert warmup_cosine(100, 100, 10, 0.4, 3e-5) == pytest.approx(0.0, abs=1e-12)
