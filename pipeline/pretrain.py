@@ -153,10 +153,13 @@ def _optimizer(model: SSLModel, run: Run) -> LARS:
 
 
 def _distributed(model: SSLModel, device: torch.device) -> nn.Module:
+    """DDP under torchrun; BatchNorm synchronized across GPUs (PyTorch's SyncBatchNorm is GPU-only, so
+    CPU ranks, used for testing, normalize per rank)."""
     if world_size() == 1:
         return model
-    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if device.type != "cuda":
+        return nn.parallel.DistributedDataParallel(model)
+    return nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device.index])
 
 
 def _train_epoch(trained: nn.Module, model: SSLModel, loader, optimizer: LARS, run: Run, epoch: int,

@@ -1,6 +1,7 @@
 """Shared fixtures: a local HTTP server for downloads, generated CIFAR archives, params files."""
 
 import io
+import json
 import shutil
 import tarfile
 import threading
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 from ruamel.yaml import YAML
 
+from pipeline.beton import convert_dataset
+from pipeline.datasets import get_dataset
 from pipeline.datasets.cifar import PIXEL_BYTES, RecordLayout
 from pipeline.params import Params, load_params
 
@@ -126,3 +129,24 @@ def params() -> Params:
 
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+
+
+TINY_CELL = {"epochs": 3, "warmup_epochs": 1, "batch_size": 16, "backbone_width": 4, "projector_hidden_dim": 32,
+             "projector_out_dim": 16, "sae_latent_dim": 64, "sae_topk": 4}
+
+
+def tiny_params(path: Path, **cell) -> Path:
+    """Params for seconds-long CPU pretraining on an 80-image synthetic dataset."""
+    return write_params(path, datasets={"synthetic": {"train_per_class": 8, "test_per_class": 4}},
+                        training={"loader_workers": 1, "eval_batch_size": 64},
+                        pretrain={"synthetic": {m: TINY_CELL | cell for m in ("simclr", "barlow_twins")}})
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """The tiny synthetic dataset converted: ffcv/{train,test}.beton and meta.json."""
+    root = tmp_path_factory.mktemp("synthetic")
+    params = load_params(tiny_params(root / "params.yaml"))
+    get_dataset("synthetic").prepare(params, root / "raw", root / "downloads")
+    (root / "meta.json").write_text(json.dumps(convert_dataset("synthetic", params, root / "raw", root / "ffcv")))
+    return root

@@ -11,39 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.beton import convert_dataset
-from pipeline.datasets import get_dataset
 from pipeline.errors import UserError
 from pipeline.params import load_params
 from pipeline.pretrain import COLUMNS, make_run, pretrain
-from tests.conftest import REPO, write_params
-
-TINY_CELL = {"epochs": 3, "warmup_epochs": 1, "batch_size": 16, "backbone_width": 4, "projector_hidden_dim": 32,
-             "projector_out_dim": 16, "sae_latent_dim": 64, "sae_topk": 4}
-
-
-def tiny_params(path: Path, **cell) -> Path:
-    return write_params(path, datasets={"synthetic": {"train_per_class": 8, "test_per_class": 4}},
-                        training={"loader_workers": 1, "eval_batch_size": 64},
-                        pretrain={"synthetic": {m: TINY_CELL | cell for m in ("simclr", "barlow_twins")}})
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    params = load_params(tiny_params(root / "params.yaml"))
-    get_dataset("synthetic").prepare(params, root / "raw", root / "downloads")
-    meta = convert_dataset("synthetic", params, root / "raw", root / "ffcv")
-    (root / "meta.json").write_text(json.dumps(meta))
-    return root
-
+from tests.conftest import REPO, tiny_params, write_params
 
 @pytest.mark.parametrize("method, variant", [("simclr", "baseline"), ("simclr", "mi_reg"),
                                              ("barlow_twins", "discrete"), ("barlow_twins", "sae")])
-def test_pretrain_writes_log_checkpoint_and_metrics(dataset, tmp_path, method, variant):
+def test_pretrain_writes_log_checkpoint_and_metrics(tiny_dataset, tmp_path, method, variant):
     params = load_params(tiny_params(tmp_path / "p.yaml"))
-    run = make_run(params, "synthetic", method, variant, 0, json.loads((dataset / "meta.json").read_text()))
-    metrics = pretrain(run, dataset / "ffcv", tmp_path / "run", torch.device("cpu"), "test-version")
+    run = make_run(params, "synthetic", method, variant, 0, json.loads((tiny_dataset / "meta.json").read_text()))
+    metrics = pretrain(run, tiny_dataset / "ffcv", tmp_path / "run", torch.device("cpu"), "test-version")
     rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
     assert rows[0] == ",".join(COLUMNS) and len(rows) == 1 + 3
     assert metrics["epochs"] == 3 and 0 <= metrics["online_test_acc"] <= 1
@@ -60,11 +38,11 @@ def stage_command(dataset: Path, params: Path, out: Path) -> list[str]:
             "--metadata", str(dataset / "meta.json"), "--out", str(out), "--metrics", str(out / "metrics.json")]
 
 
-def test_killed_run_resumes_to_identical_metrics(dataset, tmp_path):
+def test_killed_run_resumes_to_identical_metrics(tiny_dataset, tmp_path):
     params = tiny_params(tmp_path / "p.yaml", epochs=4)
-    subprocess.run(stage_command(dataset, params, tmp_path / "whole"), cwd=REPO, check=True, capture_output=True)
+    subprocess.run(stage_command(tiny_dataset, params, tmp_path / "whole"), cwd=REPO, check=True, capture_output=True)
 
-    interrupted = subprocess.Popen(stage_command(dataset, params, tmp_path / "killed"), cwd=REPO,
+    interrupted = subprocess.Popen(stage_command(tiny_dataset, params, tmp_path / "killed"), cwd=REPO,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.monotonic() + 300
@@ -73,7 +51,7 @@ def test_killed_run_resumes_to_identical_metrics(dataset, tmp_path):
     os.killpg(interrupted.pid, signal.SIGKILL)  # mid-epoch 2 (or later): no chance to clean up
     interrupted.wait()
     assert torch.load(checkpoint, weights_only=False)["epoch"] < 4, "the kill came too late to test resuming"
-    result = subprocess.run(stage_command(dataset, params, tmp_path / "killed"), cwd=REPO, capture_output=True,
+    result = subprocess.run(stage_command(tiny_dataset, params, tmp_path / "killed"), cwd=REPO, capture_output=True,
                             text=True, check=True)
     assert "resuming from" in result.stderr
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
@@ -83,24 +61,24 @@ def test_killed_run_resumes_to_identical_metrics(dataset, tmp_path):
         (tmp_path / "whole" / "log.csv").read_text().splitlines()[1:][0].split(",")[:-1]  # throughput aside
 
 
-def test_checkpoint_of_other_params_is_not_resumed(dataset, tmp_path):
-    meta = json.loads((dataset / "meta.json").read_text())
+def test_checkpoint_of_other_params_is_not_resumed(tiny_dataset, tmp_path):
+    meta = json.loads((tiny_dataset / "meta.json").read_text())
     first = make_run(load_params(tiny_params(tmp_path / "a.yaml", epochs=1)), "synthetic", "simclr", "baseline", 0, meta)
-    pretrain(first, dataset / "ffcv", tmp_path / "run", torch.device("cpu"), "v")
+    pretrain(first, tiny_dataset / "ffcv", tmp_path / "run", torch.device("cpu"), "v")
     second = make_run(load_params(tiny_params(tmp_path / "b.yaml", epochs=2, base_lr=0.5)), "synthetic", "simclr",
                       "baseline", 0, meta)
-    pretrain(second, dataset / "ffcv", tmp_path / "run", torch.device("cpu"), "v")
+    pretrain(second, tiny_dataset / "ffcv", tmp_path / "run", torch.device("cpu"), "v")
     assert len((tmp_path / "run" / "log.csv").read_text().splitlines()) == 1 + 2  # started over: 2 fresh epochs
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
-    meta = json.loads((dataset / "meta.json").read_text())
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path):
+    meta = json.loads((tiny_dataset / "meta.json").read_text())
     good = make_run(load_params(tiny_params(tmp_path / "a.yaml", epochs=1)), "synthetic", "simclr", "baseline", 0, meta)
-    pretrain(good, dataset / "ffcv", tmp_path / "run", torch.device("cpu"), "v")
+    pretrain(good, tiny_dataset / "ffcv", tmp_path / "run", torch.device("cpu"), "v")
     tiny = tiny_params(tmp_path / "b.yaml", epochs=1)
     overflowing = write_params(tmp_path / "b.yaml", tiny, pretrain={"synthetic": {"simclr": {"temperature": 1e-40}}})
     exploding = make_run(load_params(overflowing), "synthetic", "simclr", "baseline", 0, meta)
     with pytest.raises(UserError, match=r"non-finite loss at epoch 1, step 1"):
-        pretrain(exploding, dataset / "ffcv", tmp_path / "run2", torch.device("cpu"), "v")
+        pretrain(exploding, tiny_dataset / "ffcv", tmp_path / "run2", torch.device("cpu"), "v")
     assert not (tmp_path / "run2" / "checkpoint.pt").exists()
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 1
