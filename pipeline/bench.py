@@ -95,9 +95,8 @@ def reference_batches(run: Run, split: Split, batch_size: int, workers: int) -> 
         yield from loader
 
 
-def step_seconds(run: Run, batch_size: int, steps: int, device: torch.device, regularize: bool) -> float:
-    """Seconds per training step (both views, SSL loss, online classifier, LARS), with or without the
-    MI regularizer, on random inputs."""
+def step_seconds(run: Run, batch_size: int, steps: int, device: torch.device) -> float:
+    """Seconds per training step (both views, SSL loss, online classifier, LARS) on random inputs."""
     torch.manual_seed(0)
     model = build_model(run.method, run.cell, run.variant, run.stem, run.num_classes).to(device)
     optimizer = LARS(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, eta=0.02, clip_lr=True,
@@ -109,16 +108,29 @@ def step_seconds(run: Run, batch_size: int, steps: int, device: torch.device, re
     def step() -> None:
         h_a, h_b, z_a, z_b, logits = model(x[0], x[1])
         loss = loss_fn(z_a, z_b) + F.cross_entropy(logits, torch.cat([y, y]))
-        if regularize:
-            loss = loss + 1e-4 * matrix_mutual_info(torch.cat([h_a, h_b]), torch.cat([z_a, z_b]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
-    step()
+    return _seconds(step, steps, device)
+
+
+def regularizer_seconds(run: Run, batch_size: int, repeats: int, device: torch.device) -> float:
+    """Seconds for the MI regularizer's forward and backward on features of one step's shapes."""
+    feature_dim = 8 * run.cell.backbone_width
+    out_dim = run.cell.projector_out_dim
+    h = torch.randn(2 * batch_size, feature_dim, device=device, requires_grad=True)
+    z = torch.randn(2 * batch_size, out_dim, device=device, requires_grad=True)
+    return _seconds(lambda: matrix_mutual_info(h, z, run.cell.renyi_alpha).backward(), repeats, device)
+
+
+def _seconds(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
+    fn()  # warm up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
