@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -33,6 +32,7 @@ from pipeline.params import (AugmentationParams, CellParams, OptimizerParams, Pa
                              ViewParams)
 from pipeline.progress import progress
 from pipeline.projectors import HEADS, Projector
+from pipeline.runtime import is_rank0
 
 log = logging.getLogger(__name__)
 COLUMNS = ("epoch", "ssl_loss", "mi_z1_z2", "mi_z1_r", "lower_bound", "upper_bound", "entropy_z1",
@@ -118,8 +118,9 @@ def pretrain(run: Run, data: Path, out: Path, device: torch.device, code_version
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(model, run)
     start_epoch, history = _resume(out / "checkpoint.pt", run, model, optimizer)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
     trained = _distributed(model, device)
+    if run.training.compile:
+        trained = torch.compile(trained)
     batch = run.cell.batch_size // world_size()
     loader = ssl_loader(data / "train.beton", batch, seed=run.seed, workers=run.training.loader_workers,
                         crop_size=run.crop_size if run.decoder_crops else None, device=device,
@@ -137,7 +138,7 @@ def pretrain(run: Run, data: Path, out: Path, device: torch.device, code_version
         history.append(row)
         log.info("epoch %d/%d: %s", epoch + 1, run.cell.epochs,
                  ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
-        if rank0:
+        if is_rank0():
             _save(out, model, optimizer, run, history, code_version)
     return {k: v for k, v in history[-1].items() if k != "images_per_s"} | {"epochs": run.cell.epochs}
 
@@ -190,7 +191,7 @@ def _train_epoch(trained: nn.Module, model: SSLModel, loader, optimizer: LARS, r
             for key, value in logged.items():
                 sums[key] = sums.get(key, 0.0) + value
             seen += len(y) * world_size()
-            advance(1)
+            advance(1, f"loss {logged['ssl_loss']:.4f}  {seen / (time.perf_counter() - start):.0f} images/s")
     row = {"epoch": epoch + 1} | {key: value / steps_per_epoch for key, value in sums.items()}
     row["lower_bound"] = row["mi_z1_r"] - row["mi_z1_z2"]
     row["upper_bound"] = row["entropy_z1"] - row["mi_z1_z2"]

@@ -13,14 +13,16 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def progress(description: str, total: float | None, unit: str = "items") -> Iterator[Callable[[float], None]]:
-    """Yield `advance(n)`. With `unit="bytes"` the bar shows sizes and transfer speed."""
+def progress(description: str, total: float | None, unit: str = "items") -> Iterator[Callable[..., None]]:
+    """Yield `advance(n, status="")`; `status` is a live text (loss, throughput) shown beside the bar.
+    With `unit="bytes"` the bar shows sizes and transfer speed."""
     if sys.stderr.isatty():
         counts = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(),)
-        columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *counts, TimeRemainingColumn())
+        columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *counts, TimeRemainingColumn(),
+                   TextColumn("{task.fields[status]}"))
         with Progress(*columns, transient=False) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda n: bar.advance(task, n)
+            task = bar.add_task(description, total=total, status="")
+            yield lambda n, status="": bar.update(task, advance=n, status=status)
         return
     yield _LogLines(description, total, unit)
 
@@ -33,12 +35,12 @@ class _LogLines:
         self.done, self.next_report, self.last_time = 0.0, 0.1, time.monotonic()
         log.info("%s: started", description)
 
-    def __call__(self, n: float) -> None:
+    def __call__(self, n: float, status: str = "") -> None:
         self.done += n
         if self.total:
             if self.done / self.total >= self.next_report - 1e-9:
-                log.info("%s: %d%% (%d/%d %s)", self.description, 100 * self.done / self.total,
-                         self.done, self.total, self.unit)
+                log.info("%s: %d%% (%d/%d %s) %s", self.description, 100 * self.done / self.total,
+                         self.done, self.total, self.unit, status)
                 self.next_report = int(10 * self.done / self.total + 1) / 10
         elif time.monotonic() - self.last_time > 30:
             self.last_time = time.monotonic()

@@ -75,3 +75,31 @@ def test_check_params_exits_2_without_traceback(tmp_path):
 def test_check_params_accepts_committed_file():
     result = CliRunner().invoke(app, ["check-params", "--params", str(REPO / "params.yaml")])
     assert result.exit_code == 0, result.output
+
+
+def test_names_must_refer_to_defined_sections(tmp_path):
+    path = write_params(tmp_path / "p.yaml", experiment={"variants": ["baseline", "mi_regg"]},
+                        pretrain={"cifar10": {"simclr": {"augmentation": "symetric"}}})
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert "experiment.variants: 'mi_regg' is not defined under variants (did you mean 'mi_reg'?)" in str(error.value)
+    assert "pretrain.cifar10.simclr.augmentation: 'symetric' is not defined under augmentations (did you mean " \
+           "'symmetric'?)" in str(error.value)
+
+
+def test_sae_topk_must_fit_the_latent_dim(tmp_path):
+    path = write_params(tmp_path / "p.yaml", pretrain={"synthetic": {"barlow_twins": {"sae_topk": 5000}}})
+    with pytest.raises(ParamsError, match=r"pretrain.synthetic.barlow_twins.sae_topk: found 5000; must be at most "
+                                          r"sae_latent_dim \(1024\)"):
+        load_params(path)
+
+
+def test_committed_params_hold_the_papers_settings(params):
+    """PAPER.md sections 3-4, spot checks."""
+    cifar, imagenet = params.pretrain.cifar10, params.pretrain.imagenet100
+    assert (cifar.simclr.epochs, cifar.simclr.base_lr, cifar.simclr.temperature, cifar.simclr.levels) == (200, 0.4, 0.2, 30)
+    assert (cifar.barlow_twins.base_lr, cifar.barlow_twins.classifier_lr, cifar.barlow_twins.levels) == (0.3, 0.15, 3)
+    assert (imagenet.barlow_twins.batch_size, imagenet.simclr.projector_hidden_dim) == (512, 4096)
+    assert (cifar.simclr.mi_weight, imagenet.simclr.mi_weight) == (1e-4, 0.01)
+    assert params.augmentations["cifar_asymmetric"].view_b.solarize_p == 0.2
+    assert params.augmentations["imagenet_asymmetric"].view_a.blur_p == 1.0
