@@ -12,7 +12,6 @@ from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, RandomR
                                   SimpleRGBImageDecoder)
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline import PipelineSpec
-from ffcv.pipeline.operation import Operation
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
 CENTER_CROP_RATIO = 224 / 256  # eval: resize 256, center crop 224 (PAPER.md section 4.1)
@@ -35,21 +34,23 @@ class Batches:
 
 
 def ssl_loader(path: Path, batch_size: int, *, seed: int, workers: int = -1, crop_size: int | None = None,
-               view_ops: tuple[Sequence[Operation], Sequence[Operation]] = ((), ()),
+               crop_scales: tuple[tuple[float, float], tuple[float, float]] = ((0.08, 1.0), (0.08, 1.0)),
                device: torch.device = torch.device("cpu"), distributed: bool = False) -> Batches:
     """Shuffled batches of (x_a, x_b, y): two views decoded from the one stored image.
 
     `crop_size=None` decodes images as stored (fixed-size data such as CIFAR); otherwise each view
-    is a random resized crop made by the decoder. `view_ops` are FFCV operations run per view on
-    the decoded images (their random draws are independent per view and per sample).
+    is a random resized crop (area range `crop_scales[view]`) made by the decoder. Augmentation
+    proper runs on the device batch (`pipeline.augment`).
     """
-    def view(ops: Sequence[Operation]) -> list:
-        decoder = SimpleRGBImageDecoder() if crop_size is None else RandomResizedCropRGBImageDecoder((crop_size,) * 2)
-        return [decoder, *ops, *_to_torch(device)]
+    def view(scale: tuple[float, float]) -> list:
+        decoder = (SimpleRGBImageDecoder() if crop_size is None
+                   else RandomResizedCropRGBImageDecoder((crop_size,) * 2, scale=scale))
+        return [decoder, *_to_torch(device)]
 
+    views = [view(scale) for scale in crop_scales]
     loader = Loader(str(path), batch_size, num_workers=workers, order=OrderOption.RANDOM, seed=seed,
                     drop_last=True, distributed=distributed,
-                    pipelines={"image": view(view_ops[0]), "image_b": PipelineSpec("image", transforms=view(view_ops[1])),
+                    pipelines={"image": views[0], "image_b": PipelineSpec("image", transforms=views[1]),
                                "label": _label_ops(device)})
     return Batches(loader, ("image", "image_b", "label"))
 

@@ -124,6 +124,7 @@ def pretrain(run: Run, data: Path, out: Path, device: torch.device, code_version
     batch = run.cell.batch_size // world_size()
     loader = ssl_loader(data / "train.beton", batch, seed=run.seed, workers=run.training.loader_workers,
                         crop_size=run.crop_size if run.decoder_crops else None, device=device,
+                        crop_scales=(tuple(run.augmentation.view_a.crop_scale), tuple(run.augmentation.view_b.crop_scale)),
                         distributed=world_size() > 1)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:

@@ -28,20 +28,17 @@ def progress(description: str, total: float | None, unit: str = "items") -> Iter
 
 
 class _LogLines:
-    """One line per 10% of `total` (or per 30 s when the total is unknown): readable in CI logs."""
+    """Log lines for logs that are files: at each tenth of `total`, at most one per 15 s, and the end."""
 
     def __init__(self, description: str, total: float | None, unit: str):
         self.description, self.total, self.unit = description, total, unit
-        self.done, self.next_report, self.last_time = 0.0, 0.1, time.monotonic()
-        log.info("%s: started", description)
+        self.done, self.last_time = 0.0, time.monotonic()
 
     def __call__(self, n: float, status: str = "") -> None:
-        self.done += n
-        if self.total:
-            if self.done / self.total >= self.next_report - 1e-9:
-                log.info("%s: %d%% (%d/%d %s) %s", self.description, 100 * self.done / self.total,
-                         self.done, self.total, self.unit, status)
-                self.next_report = int(10 * self.done / self.total + 1) / 10
-        elif time.monotonic() - self.last_time > 30:
+        before, self.done = self.done, self.done + n
+        finished = self.total is not None and self.done >= self.total
+        tenth_crossed = self.total and int(10 * self.done / self.total) > int(10 * before / self.total)
+        if finished or ((tenth_crossed or not self.total) and time.monotonic() - self.last_time >= 15):
             self.last_time = time.monotonic()
-            log.info("%s: %d %s", self.description, self.done, self.unit)
+            share = f"{100 * self.done / self.total:.0f}% " if self.total else ""
+            log.info("%s: %s(%d %s) %s", self.description, share, self.done, self.unit, status)
