@@ -1,3 +1,0 @@
-from stages.cli import app
-
-app(prog_name="python -m stages")
