@@ -121,6 +121,8 @@ def pretrain(run: Run, data: Path, out: Path, device: torch.device, code_version
     trained = _distributed(model, device)
     if run.training.compile:
         trained = torch.compile(trained)
+    if run.cell.batch_size % world_size():
+        raise UserError(f"batch_size {run.cell.batch_size} does not split evenly over {world_size()} processes")
     batch = run.cell.batch_size // world_size()
     loader = ssl_loader(data / "train.beton", batch, seed=run.seed, workers=run.training.loader_workers,
                         crop_size=run.crop_size if run.decoder_crops else None, device=device,
@@ -170,6 +172,8 @@ def _train_epoch(trained: nn.Module, model: SSLModel, loader, optimizer: LARS, r
     mi_weight = run.cell.mi_weight if run.variant.mi_reg else 0.0
     views = (run.view(run.augmentation.view_a), run.view(run.augmentation.view_b))
     generator = torch.Generator(device).manual_seed(run.seed * 100_003 + epoch)  # per-sample draws, per epoch
+    channels_last = run.training.channels_last and device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     total_steps, warmup_steps = run.cell.epochs * steps_per_epoch, run.cell.warmup_epochs * steps_per_epoch
     sums: dict[str, float] = {}
     model.train()
@@ -180,7 +184,8 @@ def _train_epoch(trained: nn.Module, model: SSLModel, loader, optimizer: LARS, r
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(global_step, total_steps, warmup_steps, group["base_lr"],
                                             run.optimizer.warmup_start_lr)
-            x_a, x_b = (augment(x, view, *stats, generator) for x, view in zip((x_a, x_b), views))
+            x_a, x_b = (augment(x, view, *stats, generator).contiguous(memory_format=memory_format)
+                        for x, view in zip((x_a, x_b), views))
             with _autocast(run.training, device):
                 logged = _step(trained, loss_fn, x_a, x_b, y, mi_weight, run.cell.renyi_alpha)
             if not math.isfinite(logged["ssl_loss"]):
