@@ -22,4 +22,4 @@ def knn_scores(train_features: Tensor, train_labels: Tensor, test_features: Tens
 def topk_accuracy(scores: Tensor, labels: Tensor, k: int) -> float:
     """Fraction of samples whose label is among the k highest scores."""
     top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-    return (top == labels[:, None]).any(dim=1).float().mean().item()
+    return (top == labels[:, None]).any(dim=1).double().mean().item()

@@ -4,12 +4,16 @@ cosine schedule; a weighted kNN classifier reads the same features.
 """
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.knn import knn_scores, topk_accuracy
+from pipeline.loaders import eval_loader
+from pipeline.params import LinearEvalParams
+from pipeline.pretrain import Run, build_model
 
 
 @torch.no_grad()
@@ -55,3 +59,18 @@ def evaluate_features(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor],
     knn = knn_scores(*train, test[0], num_classes, k=knn_k, temperature=knn_temperature)
     return {"top1": topk_accuracy(logits, test[1], 1), "top5": topk_accuracy(logits, test[1], 5),
             "knn_top1": topk_accuracy(knn, test[1], 1), "n_train": len(train[1]), "n_test": len(test[1])}
+
+
+def linear_eval(run: Run, checkpoint: Path, data: Path, params: LinearEvalParams, device: torch.device) -> dict:
+    """Evaluate the encoder saved in `checkpoint` (a pretraining run of `run`) on `data`'s splits."""
+    model = build_model(run.method, run.cell, run.variant, run.stem, run.num_classes)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    mean, std = torch.tensor(run.mean, device=device), torch.tensor(run.std, device=device)
+    crop = run.crop_size if run.decoder_crops else None
+    train, test = (extract_features(model.backbone.to(device), eval_loader(data / f"{split}.beton", params.batch_size,
+                                                                            crop_size=crop, device=device), mean, std)
+                   for split in ("train", "test"))
+    result = evaluate_features(train, test, run.num_classes, epochs=params.epochs, batch_size=params.batch_size,
+                               lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay,
+                               knn_k=params.knn_k, knn_temperature=params.knn_temperature, seed=run.seed)
+    return {"protocol": params.protocol, "epochs": params.epochs} | result

@@ -177,6 +177,23 @@ class TrainingParams(Strict):
     eval_batch_size: int = Field(ge=1)
 
 
+class LinearEvalParams(Strict):
+    """Linear evaluation of the frozen encoder (PAPER.md 4.1) and the kNN monitor beside it.
+
+    protocol `features`: a linear classifier on features of the plain train images, computed once
+    (SGD with momentum, cosine schedule). The reference's protocol on augmented images is not built yet.
+    """
+
+    protocol: Literal["features"]
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: Positive
+    momentum: Probability
+    weight_decay: Annotated[float, Field(ge=0)]
+    knn_k: int = Field(ge=1, description="k of the weighted kNN classifier.")
+    knn_temperature: Positive = Field(description="T of the kNN vote weights exp(cos / T).")
+
+
 class Params(Strict):
     experiment: ExperimentParams
     download: DownloadParams
@@ -186,6 +203,7 @@ class Params(Strict):
     optimizer: OptimizerParams
     training: TrainingParams
     pretrain: PretrainParams
+    linear_eval: LinearEvalParams
 
 
 def _cross_check(params: Params) -> list[str]:

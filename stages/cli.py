@@ -6,6 +6,7 @@ from pipeline.params import load_params
 from stages.common import PARAMS_FILE, ParamsFile, stage
 from stages.bench import bench
 from stages.data import convert, prepare
+from stages.linear_eval import linear_eval_command
 from stages.pretrain import pretrain_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -21,3 +22,4 @@ def check_params(params_file: ParamsFile = PARAMS_FILE) -> None:
 for command in (check_params, prepare, convert, bench):
     app.command()(stage(command))
 app.command("pretrain")(stage(pretrain_command))
+app.command("linear-eval")(stage(linear_eval_command))

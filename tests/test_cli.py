@@ -7,7 +7,8 @@ from tests.conftest import write_params
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["check-params"], ["prepare"], ["convert"]])
+@pytest.mark.parametrize("command", [[], ["check-params"], ["prepare"], ["convert"], ["pretrain"], ["linear-eval"],
+                                     ["bench"]])
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output

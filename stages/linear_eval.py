@@ -1,0 +1,33 @@
+"""The `linear-eval` stage: a frozen pretrained encoder, a linear classifier and kNN on its features."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.atomic import atomic_file
+from pipeline.linear_eval import linear_eval
+from pipeline.params import load_params
+from pipeline.pretrain import make_run
+from pipeline.runtime import init_device
+from stages.common import PARAMS_FILE, Dataset, ParamsFile
+
+
+def linear_eval_command(
+        dataset: Dataset,
+        method: Annotated[str, typer.Option(help="simclr or barlow_twins.")],
+        variant: Annotated[str, typer.Option(help="A name defined under `variants` in params.yaml.")],
+        seed: Annotated[int, typer.Option(help="The pretraining seed; also seeds the linear classifier.")],
+        data: Annotated[Path, typer.Option(help="Folder with train.beton and test.beton.")],
+        metadata: Annotated[Path, typer.Option(help="The dataset's metadata JSON from `convert`.")],
+        checkpoint: Annotated[Path, typer.Option(help="The pretraining checkpoint.")],
+        metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
+        params_file: ParamsFile = PARAMS_FILE) -> None:
+    """Linear top-1/top-5 and kNN top-1 of a pretrained encoder on the test split."""
+    params = load_params(params_file)
+    run = make_run(params, dataset, method, variant, seed, json.loads(metadata.read_text()))
+    result = linear_eval(run, checkpoint, data, params.linear_eval, init_device())
+    with atomic_file(metrics) as staging:
+        staging.write_text(json.dumps({"dataset": dataset, "method": method, "variant": variant, "seed": seed}
+                                      | result, indent=2) + "\n")
