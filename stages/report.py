@@ -1,0 +1,52 @@
+"""The `report` stage and the `audit` command."""
+
+import filecmp
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.errors import UserError
+from pipeline.metrics import DatasetMetrics, LinearEvalMetrics, PretrainMetrics, read
+from pipeline.params import load_params
+from pipeline.report import write_report
+from stages.common import PARAMS_FILE, ParamsFile
+
+Folder = Annotated[Path, typer.Option(help="A folder (see dvc.yaml).")]
+SCHEMAS = {"datasets": DatasetMetrics, "pretrain": PretrainMetrics, "linear_eval": LinearEvalMetrics}
+
+
+def report(pretrain_metrics: Folder, linear_metrics: Folder, runs: Folder, out: Folder,
+           reference: Annotated[Path, typer.Option(help="The paper's values (references/paper.yaml).")],
+           params_file: ParamsFile = PARAMS_FILE) -> None:
+    """Tables (mean ± std over seeds, gains with 95% intervals, the paper's values), plots, results.{md,csv,json}."""
+    write_report(load_params(params_file).experiment, pretrain_metrics, linear_metrics, runs, reference, out)
+
+
+def audit(metrics: Annotated[Path, typer.Option(help="The metrics folder.")] = Path("metrics"),
+          reports: Annotated[Path, typer.Option(help="The report folder.")] = Path("reports"),
+          reference: Annotated[Path, typer.Option(help="The paper's values.")] = Path("references/paper.yaml"),
+          runs: Annotated[Path, typer.Option(help="The runs folder.")] = Path("runs"),
+          params_file: ParamsFile = PARAMS_FILE) -> None:
+    """Check that the outputs are what the code and params produce: every metrics file matches its
+    schema, dvc.lock matches code and params, and the report regenerates identically."""
+    for kind, schema in SCHEMAS.items():
+        for path in sorted((metrics / kind).glob("*.json")):
+            read(path, schema)
+    dry = subprocess.run(["dvc", "repro", "--dry", "--allow-missing"], capture_output=True, text=True)
+    stale = [line for line in dry.stdout.splitlines() if line.startswith("Running stage")]
+    if dry.returncode or stale:
+        raise UserError("dvc.lock does not match the code and params; `dvc repro` would run:\n  "
+                        + "\n  ".join(stale or [dry.stderr.strip()]))
+    with tempfile.TemporaryDirectory() as tmp:
+        regenerated = Path(tmp) / "reports"
+        write_report(load_params(params_file).experiment, metrics / "pretrain", metrics / "linear_eval", runs,
+                     reference, regenerated)
+        differ = sorted({p.name for p in regenerated.iterdir()} ^ {p.name for p in reports.iterdir()}
+                        | {p.name for p in regenerated.iterdir()
+                           if (reports / p.name).exists() and not filecmp.cmp(p, reports / p.name, shallow=False)})
+    if differ:
+        raise UserError(f"{reports} differs from the report regenerated from the metrics: {', '.join(differ)}")
+    typer.echo(f"audit: OK (metrics valid, dvc.lock current, {reports} reproduced)")
