@@ -10,11 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.atomic import atomic_file
-from pipeline.bench import batches_per_second, our_batches, reference_batches, regularizer_seconds, step_seconds
-from pipeline.datasets import get_dataset
 from pipeline.params import load_params
-from pipeline.pretrain import make_run
-from pipeline.runtime import init_device
 from stages.common import PARAMS_FILE, Dataset, ParamsFile
 
 
@@ -32,6 +28,10 @@ def bench(dataset: Dataset,
           params_file: ParamsFile = PARAMS_FILE) -> None:
     """Measure (a) two-view batches/s, ours vs the reference's PIL DataLoader, (b) pretraining images/s,
     (c) the MI regularizer's share of the step time (its forward + backward against a training step)."""
+    from pipeline.bench import batches_per_second, our_batches, reference_batches, regularizer_seconds, step_seconds
+    from pipeline.datasets import get_dataset
+    from pipeline.pretrain import make_run
+    from pipeline.runtime import init_device
     params = load_params(params_file)
     run = make_run(params, dataset, method, "baseline", 0, json.loads(metadata.read_text()))
     run = run.__class__(**run.__dict__ | {"cell": run.cell.model_copy(update={"backbone_width": width})})

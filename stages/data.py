@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from pipeline.atomic import atomic_file
-from pipeline.beton import convert_dataset
-from pipeline.datasets import get_dataset
 from pipeline.params import load_params
 from stages.common import PARAMS_FILE, Dataset, ParamsFile
 
@@ -21,6 +19,7 @@ def prepare(dataset: Dataset,
             downloads: Annotated[Path, typer.Option(help="Archive cache; partial downloads resume from here.")],
             params_file: ParamsFile = PARAMS_FILE) -> None:
     """Get a dataset's raw files: download and verify (CIFAR), generate (synthetic) or index (image trees)."""
+    from pipeline.datasets import get_dataset
     params = load_params(params_file)
     get_dataset(dataset).prepare(params, out, downloads)
     log.info("prepared %s in %s", dataset, out)
@@ -32,6 +31,7 @@ def convert(dataset: Dataset,
             metadata: Annotated[Path, typer.Option(help="JSON file for counts, shapes and checksums.")],
             params_file: ParamsFile = PARAMS_FILE) -> None:
     """Convert the train and test splits to FFCV .beton files and describe them."""
+    from pipeline.beton import convert_dataset
     params = load_params(params_file)
     meta = convert_dataset(dataset, params, raw, out)
     with atomic_file(metadata) as staging:

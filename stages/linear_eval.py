@@ -7,10 +7,7 @@ from typing import Annotated
 import typer
 
 from pipeline.atomic import atomic_file
-from pipeline.linear_eval import linear_eval
 from pipeline.params import load_params
-from pipeline.pretrain import make_run
-from pipeline.runtime import init_device
 from stages.common import PARAMS_FILE, Dataset, ParamsFile
 
 
@@ -25,6 +22,9 @@ def linear_eval_command(
         metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
         params_file: ParamsFile = PARAMS_FILE) -> None:
     """Linear top-1/top-5 and kNN top-1 of a pretrained encoder on the test split."""
+    from pipeline.linear_eval import linear_eval
+    from pipeline.pretrain import make_run
+    from pipeline.runtime import init_device
     params = load_params(params_file)
     run = make_run(params, dataset, method, variant, seed, json.loads(metadata.read_text()))
     result = linear_eval(run, checkpoint, data, params.linear_eval, init_device())

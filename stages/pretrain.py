@@ -9,8 +9,6 @@ import typer
 
 from pipeline.atomic import atomic_file
 from pipeline.params import load_params
-from pipeline.pretrain import make_run, pretrain
-from pipeline.runtime import init_device, is_rank0
 from stages.common import PARAMS_FILE, Dataset, ParamsFile
 
 
@@ -25,6 +23,8 @@ def pretrain_command(
         metrics: Annotated[Path, typer.Option(help="Metrics JSON written at the end.")],
         params_file: ParamsFile = PARAMS_FILE) -> None:
     """Pretrain a ResNet-18 with SimCLR or Barlow Twins (+ the variant's projector modifications)."""
+    from pipeline.pretrain import make_run, pretrain
+    from pipeline.runtime import init_device, is_rank0
     params = load_params(params_file)
     run = make_run(params, dataset, method, variant, seed, json.loads(metadata.read_text()))
     result = pretrain(run, data, out, init_device(), _code_version())

@@ -11,7 +11,6 @@ import typer
 from pipeline.errors import UserError
 from pipeline.metrics import DatasetMetrics, LinearEvalMetrics, PretrainMetrics, read
 from pipeline.params import load_params
-from pipeline.report import write_report
 from stages.common import PARAMS_FILE, ParamsFile
 
 Folder = Annotated[Path, typer.Option(help="A folder (see dvc.yaml).")]
@@ -22,6 +21,7 @@ def report(pretrain_metrics: Folder, linear_metrics: Folder, runs: Folder, out: 
            reference: Annotated[Path, typer.Option(help="The paper's values (references/paper.yaml).")],
            params_file: ParamsFile = PARAMS_FILE) -> None:
     """Tables (mean ± std over seeds, gains with 95% intervals, the paper's values), plots, results.{md,csv,json}."""
+    from pipeline.report import write_report
     write_report(load_params(params_file).experiment, pretrain_metrics, linear_metrics, runs, reference, out)
 
 
@@ -32,6 +32,7 @@ def audit(metrics: Annotated[Path, typer.Option(help="The metrics folder.")] = P
           params_file: ParamsFile = PARAMS_FILE) -> None:
     """Check that the outputs are what the code and params produce: every metrics file matches its
     schema, dvc.lock matches code and params, and the report regenerates identically."""
+    from pipeline.report import write_report
     for kind, schema in SCHEMAS.items():
         for path in sorted((metrics / kind).glob("*.json")):
             read(path, schema)

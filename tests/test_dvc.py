@@ -83,3 +83,25 @@ def test_repro_with_a_params_typo_fails_and_names_it(project):
     assert result.returncode != 0
     assert "datasets.synthetic.seeed: unknown key (did you mean 'seed'?)" in result.stdout + result.stderr
     assert not (project / "data" / "raw" / "synthetic").exists()
+
+
+def test_whole_dag_then_audit(project):
+    write_params(project / "params.yaml", project / "params.yaml",
+                 experiment={"methods": ["simclr"], "variants": ["baseline", "mi_reg"], "seeds": [0, 1]},
+                 linear_eval={"epochs": 5})
+    shutil.copytree(REPO / "references", project / "references")
+    run(project, "dvc", "repro")
+    assert "| synthetic | simclr | mi_reg |" in (project / "reports" / "results.md").read_text()
+    assert "audit: OK" in run(project, "python", "-m", "stages", "audit").stdout
+
+    metrics = project / "metrics" / "linear_eval" / "synthetic-simclr-mi_reg-seed1.json"
+    original = metrics.read_text()
+    metrics.write_text(json.dumps(json.loads(original) | {"top1": 0.9999}))
+    result = run(project, "python", "-m", "stages", "audit", check=False)
+    assert result.returncode == 1 and "dvc.lock does not match" in result.stderr
+    assert "linear-eval@synthetic-simclr-mi_reg-1" in result.stderr
+    metrics.write_text(original)
+
+    write_params(project / "params.yaml", project / "params.yaml", variants={"mi_reg": {"mi_reg": False}})
+    status = json.loads(run(project, "dvc", "status", "--json").stdout)
+    assert set(status) == {"pretrain@synthetic-simclr-mi_reg-0", "pretrain@synthetic-simclr-mi_reg-1"}
