@@ -180,16 +180,20 @@ class TrainingParams(Strict):
 class LinearEvalParams(Strict):
     """Linear evaluation of the frozen encoder (PAPER.md 4.1) and the kNN monitor beside it.
 
-    protocol `features`: a linear classifier on features of the plain train images, computed once
-    (SGD with momentum, cosine schedule). The reference's protocol on augmented images is not built yet.
+    Which protocol produced the paper's tables is unknown: `features` trains the classifier on features
+    of the plain train images computed once (fast); `augmented` (the reference's) passes random
+    resized crops + flips through the frozen encoder every epoch.
     """
 
-    protocol: Literal["features"]
+    protocol: Literal["features", "augmented"]
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
+    optimizer: Literal["sgd", "lars"]
     lr: Positive
     momentum: Probability
     weight_decay: Annotated[float, Field(ge=0)]
+    schedule: Literal["cosine", "step"] = Field(description="warmup-cosine, or ×0.1 at 60% and 80% of the epochs.")
+    warmup_epochs: int = Field(ge=0, description="Linear warmup before the cosine (schedule cosine).")
     knn_k: int = Field(ge=1, description="k of the weighted kNN classifier.")
     knn_temperature: Positive = Field(description="T of the kNN vote weights exp(cos / T).")
 

@@ -1,11 +1,12 @@
 import json
 
+import pytest
 import torch
 
-from pipeline.linear_eval import evaluate_features, linear_eval, train_probe
+from pipeline.linear_eval import feature_batches, fit_probe, linear_eval
 from pipeline.params import load_params
 from pipeline.pretrain import make_run, pretrain
-from tests.conftest import tiny_params
+from tests.conftest import tiny_params, write_params
 
 
 def clusters(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -15,22 +16,29 @@ def clusters(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return centers[labels] + torch.randn(len(labels), 16, generator=generator), labels
 
 
-def test_probe_learns_separable_features_deterministically():
+@pytest.mark.parametrize("optimizer, schedule", [("sgd", "cosine"), ("sgd", "step"), ("lars", "cosine")])
+def test_probe_learns_separable_features_deterministically(params, optimizer, schedule):
+    settings = params.linear_eval.model_copy(update={"epochs": 20, "optimizer": optimizer, "schedule": schedule,
+                                                     "lr": 0.1 if optimizer == "sgd" else 2.0})
     features, labels = clusters(40, seed=1)
-    first = train_probe(features, labels, 5, epochs=20, batch_size=32, lr=0.1, momentum=0.9, weight_decay=0.0, seed=3)
-    again = train_probe(features, labels, 5, epochs=20, batch_size=32, lr=0.1, momentum=0.9, weight_decay=0.0, seed=3)
-    torch.testing.assert_close(first.weight, again.weight)
-    result = evaluate_features(clusters(40, 1), clusters(20, 2), 5, epochs=20, batch_size=32, lr=0.1, momentum=0.9,
-                               weight_decay=0.0, knn_k=10, knn_temperature=0.1, seed=0)
-    assert result["top1"] > 0.95 and result["knn_top1"] > 0.95 and result["top5"] == 1.0
-    assert (result["n_train"], result["n_test"]) == (200, 100)
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        probe = fit_probe(torch.nn.Linear(16, 5), *feature_batches(features, labels, 32, seed=3), settings)
+        weights.append(probe.weight.detach())
+    torch.testing.assert_close(weights[0], weights[1])
+    test_features, test_labels = clusters(20, seed=2)
+    assert (probe(test_features).argmax(1) == test_labels).float().mean() > 0.95
 
 
-def test_linear_eval_of_a_pretrained_checkpoint(tiny_dataset, tmp_path):
-    params = load_params(tiny_params(tmp_path / "p.yaml", epochs=1))
+@pytest.mark.parametrize("protocol", ["features", "augmented"])
+def test_linear_eval_of_a_pretrained_checkpoint(tiny_dataset, tmp_path, protocol):
+    path = write_params(tmp_path / "p.yaml", tiny_params(tmp_path / "p.yaml", epochs=1),
+                        linear_eval={"protocol": protocol, "epochs": 3, "batch_size": 16})
+    params = load_params(path)
     run = make_run(params, "synthetic", "simclr", "baseline", 0, json.loads((tiny_dataset / "meta.json").read_text()))
     pretrain(run, tiny_dataset / "ffcv", tmp_path / "run", torch.device("cpu"), "v")
     result = linear_eval(run, tmp_path / "run" / "checkpoint.pt", tiny_dataset / "ffcv", params.linear_eval,
                          torch.device("cpu"))
-    assert result["protocol"] == "features" and result["n_train"] == 80 and result["n_test"] == 40
+    assert result["protocol"] == protocol and result["n_train"] == 80 and result["n_test"] == 40
     assert 0 <= result["knn_top1"] <= 1 and 0 <= result["top1"] <= result["top5"] <= 1
