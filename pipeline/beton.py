@@ -10,6 +10,7 @@ from multiprocessing import Process, Queue, Value
 from pathlib import Path
 
 import numpy as np
+import pipeline._ffcv  # noqa: F401  (first: FFCV's fast import)
 from ffcv.fields import IntField, RGBImageField
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+import pipeline._ffcv  # noqa: F401  (first: FFCV's fast import)
 from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder,
                                   SimpleRGBImageDecoder)
 from ffcv.loader import Loader, OrderOption

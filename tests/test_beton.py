@@ -95,3 +95,11 @@ def test_failing_worker_raises_instead_of_hanging(tmp_path):
     images = np.zeros((40, 32, 32, 3), np.uint8)
     with pytest.raises(UserError, match="writing .*a.beton failed: image 7 is unreadable"):
         write_beton(Unreadable(images, np.zeros(40)), tmp_path / "a.beton", {"write_mode": "raw"}, workers=2)
+
+
+def test_fast_ffcv_import_keeps_the_image_modes_table():
+    import numba.typed
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    assert IMAGE_MODES == {"jpg": 0, "raw": 1}
+    assert numba.typed.Dict is not dict  # restored after the import

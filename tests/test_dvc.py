@@ -31,7 +31,7 @@ def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
 
 @pytest.fixture
 def project(tmp_path):
-    for name in ("pipeline", "stages"):
+    for name in ("pipeline", "stages", "references"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, tmp_path / name)
@@ -89,7 +89,6 @@ def test_whole_dag_then_audit(project):
     write_params(project / "params.yaml", project / "params.yaml",
                  experiment={"methods": ["simclr"], "variants": ["baseline", "mi_reg"], "seeds": [0, 1]},
                  linear_eval={"epochs": 5})
-    shutil.copytree(REPO / "references", project / "references")
     run(project, "dvc", "repro")
     assert "| synthetic | simclr | mi_reg |" in (project / "reports" / "results.md").read_text()
     assert "audit: OK" in run(project, "python", "-m", "stages", "audit").stdout
