@@ -1,5 +1,6 @@
 """The `bench` command: loading, training-step and regularizer speed, side by side in one run."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -11,15 +12,15 @@ from rich.table import Table
 
 from pipeline.atomic import atomic_file
 from pipeline.params import load_params
-from stages.common import PARAMS_FILE, Dataset, ParamsFile
+from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile
 
 
 def bench(dataset: Dataset,
           raw: Annotated[Path, typer.Option(help="The prepared raw folder (the reference path reads it).")],
-          data: Annotated[Path, typer.Option(help="Folder with train.beton.")],
-          metadata: Annotated[Path, typer.Option(help="The dataset's metadata JSON.")],
+          data: Data,
+          metadata: Metadata,
           out: Annotated[Path, typer.Option(help="JSON file for the results.")],
-          method: Annotated[str, typer.Option(help="simclr or barlow_twins.")] = "simclr",
+          method: Method = "simclr",
           batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
           width: Annotated[int, typer.Option(help="Backbone width for (b) and (c); 64 is the paper's.")] = 64,
           batches: Annotated[int, typer.Option(help="Batches timed per loading path.")] = 20,
@@ -34,7 +35,7 @@ def bench(dataset: Dataset,
     from pipeline.runtime import init_device
     params = load_params(params_file)
     run = make_run(params, dataset, method, "baseline", 0, json.loads(metadata.read_text()))
-    run = run.__class__(**run.__dict__ | {"cell": run.cell.model_copy(update={"backbone_width": width})})
+    run = dataclasses.replace(run, cell=run.cell.model_copy(update={"backbone_width": width}))
     device = init_device()
     split = get_dataset(dataset).load(raw).train  # the reference forks its workers before FFCV starts threads
     reference = batches_per_second(reference_batches(run, split, batch_size, workers), batches, 3)

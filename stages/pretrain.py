@@ -9,16 +9,11 @@ import typer
 
 from pipeline.atomic import atomic_file
 from pipeline.params import load_params
-from stages.common import PARAMS_FILE, Dataset, ParamsFile
+from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile, Seed, Variant
 
 
 def pretrain_command(
-        dataset: Dataset,
-        method: Annotated[str, typer.Option(help="simclr or barlow_twins.")],
-        variant: Annotated[str, typer.Option(help="A name defined under `variants` in params.yaml.")],
-        seed: Annotated[int, typer.Option(help="Seeds the model, shuffling and augmentation.")],
-        data: Annotated[Path, typer.Option(help="Folder with train.beton and test.beton.")],
-        metadata: Annotated[Path, typer.Option(help="The dataset's metadata JSON from `convert`.")],
+        dataset: Dataset, method: Method, variant: Variant, seed: Seed, data: Data, metadata: Metadata,
         out: Annotated[Path, typer.Option(help="Run folder: checkpoint.pt, log.csv (resumed if present).")],
         metrics: Annotated[Path, typer.Option(help="Metrics JSON written at the end.")],
         params_file: ParamsFile = PARAMS_FILE) -> None:
