@@ -1,9 +1,9 @@
 """Write a dataset split to an FFCV `.beton` file, and describe what was written."""
 
 import functools
-import queue
 import logging
 import os
+import queue
 import time
 from collections.abc import Callable
 from multiprocessing import Process, Queue, Value
