@@ -2,6 +2,7 @@
 
 import filecmp
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -36,7 +37,8 @@ def audit(metrics: Annotated[Path, typer.Option(help="The metrics folder.")] = P
     for kind, schema in SCHEMAS.items():
         for path in sorted((metrics / kind).glob("*.json")):
             read(path, schema)
-    dry = subprocess.run(["dvc", "repro", "--dry", "--allow-missing"], capture_output=True, text=True)
+    dry = subprocess.run([sys.executable, "-m", "dvc", "repro", "--dry", "--allow-missing"], capture_output=True,
+                         text=True)
     stale = [line for line in dry.stdout.splitlines() if line.startswith("Running stage")]
     if dry.returncode or stale:
         raise UserError("dvc.lock does not match the code and params; `dvc repro` would run:\n  "
