@@ -8,7 +8,6 @@ from pydantic import Field, ValidationError
 from pipeline.errors import UserError
 from pipeline.params import DatasetName, MethodName, Strict
 
-Fraction = float  # accuracies are fractions in [0, 1]
 
 
 class CellMetrics(Strict):
