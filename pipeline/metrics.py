@@ -9,7 +9,6 @@ from pipeline.errors import UserError
 from pipeline.params import DatasetName, MethodName, Strict
 
 
-
 class CellMetrics(Strict):
     dataset: DatasetName
     method: MethodName
