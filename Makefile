@@ -13,4 +13,4 @@ test: setup
 	python -m pytest
 
 demo: setup
-	dvc exp run --set-param 'experiment.datasets=[synthetic]'
+	scripts/demo

@@ -158,3 +158,16 @@ def _mean_history(paths: list[Path]) -> list[dict]:
     runs = [list(csv.DictReader(path.open())) for path in paths]
     return [{key: float(np.mean([float(run[i][key]) for run in runs])) for key in runs[0][i]}
             for i in range(min(len(run) for run in runs))]
+
+
+def compare(report: dict, reference: dict, tolerance: float) -> list[str]:
+    """How `report` (a results.json) departs from `reference`: rows missing either way, and means more
+    than `tolerance` points apart."""
+    def rows(results: dict) -> dict[tuple, float]:
+        return {(r["metric"], r["dataset"], r["method"], r["variant"]): r["mean"] for r in results["rows"]}
+    ours, theirs = rows(report), rows(reference)
+    problems = [f"{' '.join(key)}: only in the {where}" for keys, other, where in
+                ((ours, theirs, "report"), (theirs, ours, "reference")) for key in keys if key not in other]
+    problems += [f"{' '.join(key)}: {ours[key]:.2f} against {mean:.2f} (tolerance {tolerance:g})"
+                 for key, mean in theirs.items() if key in ours and abs(ours[key] - mean) > tolerance]
+    return problems

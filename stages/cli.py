@@ -8,7 +8,7 @@ from stages.bench import bench
 from stages.data import convert, prepare
 from stages.linear_eval import linear_eval_command
 from stages.pretrain import pretrain_command
-from stages.report import audit, report
+from stages.report import audit, compare, report
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Reproduce 'Projection Head is Secretly an Information Bottleneck'. Stages run from dvc.yaml.")
@@ -20,7 +20,7 @@ def check_params(params_file: ParamsFile = PARAMS_FILE) -> None:
     typer.echo(f"{params_file}: OK ({', '.join(params.experiment.datasets)})")
 
 
-for command in (check_params, prepare, convert, bench, report, audit):
+for command in (check_params, prepare, convert, bench, report, audit, compare):
     app.command()(stage(command))
 app.command("pretrain")(stage(pretrain_command))
 app.command("linear-eval")(stage(linear_eval_command))

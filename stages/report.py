@@ -1,6 +1,7 @@
-"""The `report` stage and the `audit` command."""
+"""The `report` stage, and the `audit` and `compare` commands."""
 
 import filecmp
+import json
 import subprocess
 import sys
 import tempfile
@@ -53,3 +54,21 @@ def audit(metrics: Annotated[Path, typer.Option(help="The metrics folder.")] = P
     if differ:
         raise UserError(f"{reports} differs from the report regenerated from the metrics: {', '.join(differ)}")
     typer.echo(f"audit: OK (metrics valid, dvc.lock current, {reports} reproduced)")
+
+
+def compare(report: Annotated[Path, typer.Argument(help="A report folder (results.json).")],
+            reference: Annotated[Path, typer.Argument(help="The report to match, e.g. references/demo.")],
+            tolerance: Annotated[float, typer.Option(help="Largest allowed difference of a mean, points.")] = 5.0) -> None:
+    """Check that a report has the reference's rows and means (accuracy %) within the tolerance."""
+    from pipeline.report import compare as differences
+    problems = differences(_results(report), _results(reference), tolerance)
+    if problems:
+        raise UserError(f"{report} does not match {reference}:\n  " + "\n  ".join(problems))
+    typer.echo(f"compare: OK ({report} matches {reference} within {tolerance:g} points)")
+
+
+def _results(folder: Path) -> dict:
+    path = folder / "results.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: {folder} is not a report folder")
+    return json.loads(path.read_text())

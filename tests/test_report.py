@@ -4,10 +4,12 @@ import csv
 import json
 
 import pytest
+from typer.testing import CliRunner
 
 from pipeline.errors import UserError
 from pipeline.params import ExperimentParams
 from pipeline.report import paired_gain, write_report
+from stages.cli import app
 from tests.conftest import REPO
 
 EXPERIMENT = ExperimentParams(datasets=["cifar10"], methods=["simclr"], variants=["baseline", "mi_reg"], seeds=[0, 1, 2])
@@ -86,3 +88,22 @@ def test_missing_cell_is_an_error(tmp_path):
         write_report(EXPERIMENT, tmp_path / "pretrain", tmp_path / "linear_eval", tmp_path / "runs",
                      REPO / "references" / "paper.yaml", tmp_path / "reports")
     assert not (tmp_path / "reports").exists()
+
+
+def test_compare_passes_within_tolerance_and_names_what_departs(report, tmp_path):
+    def compare(reference, tolerance):
+        return CliRunner().invoke(app, ["compare", str(report), str(reference), "--tolerance", str(tolerance)])
+
+    results = json.loads((report / "results.json").read_text())
+    results["rows"][0]["mean"] += 1.5  # linear top-1 of the baseline: 91.00 -> 92.50
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "results.json").write_text(json.dumps(results))
+    assert compare(report, 0).exit_code == 0 and compare(reference, 2).exit_code == 0
+    result = compare(reference, 1)
+    assert result.exit_code == 1 and "top1 cifar10 simclr baseline: 91.00 against 92.50 (tolerance 1)" in result.output
+    del results["rows"][-1]  # online top-1 of mi_reg
+    (reference / "results.json").write_text(json.dumps(results))
+    result = compare(reference, 2)
+    assert result.exit_code == 1 and "online_test_acc cifar10 simclr mi_reg: only in the report" in result.output
+    assert "is not a report folder" in compare(tmp_path, 2).output
