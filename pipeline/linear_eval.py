@@ -89,10 +89,13 @@ def augmented_batches(backbone: nn.Module, run: Run, path: Path, batch_size: int
     return batches, len(loader)
 
 
-def linear_eval(run: Run, checkpoint: Path, data: Path, params: LinearEvalParams, device: torch.device) -> dict:
-    """Linear top-1/top-5 and kNN top-1 on the test split of the encoder saved in `checkpoint`."""
+def linear_eval(run: Run, checkpoint: Path | None, data: Path, params: LinearEvalParams, device: torch.device) -> dict:
+    """Linear top-1/top-5 and kNN top-1 on the test split of the encoder saved in `checkpoint`; with
+    None, of the untrained encoder: the weights `run`'s pretraining starts from (a reference level)."""
+    torch.manual_seed(run.seed)  # as `pretrain` does before building the model
     model = build_model(run.method, run.cell, run.variant, run.stem, run.num_classes)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    if checkpoint is not None:
+        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
     backbone = model.backbone.to(device)
     mean, std = torch.tensor(run.mean, device=device), torch.tensor(run.std, device=device)
     crop = run.crop_size if run.decoder_crops else None
@@ -108,6 +111,6 @@ def linear_eval(run: Run, checkpoint: Path, data: Path, params: LinearEvalParams
     with torch.no_grad():
         logits = probe(test[0])
     knn = knn_scores(*train, test[0], run.num_classes, k=params.knn_k, temperature=params.knn_temperature)
-    return {"protocol": params.protocol, "epochs": params.epochs, "top1": topk_accuracy(logits, test[1], 1),
+    return {"pretrained": checkpoint is not None, "protocol": params.protocol, "epochs": params.epochs, "top1": topk_accuracy(logits, test[1], 1),
             "top5": topk_accuracy(logits, test[1], 5), "knn_top1": topk_accuracy(knn, test[1], 1),
             "n_train": len(train[1]), "n_test": len(test[1])}

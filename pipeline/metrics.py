@@ -37,6 +37,7 @@ class PretrainMetrics(CellMetrics):
 
 
 class LinearEvalMetrics(CellMetrics):
+    pretrained: bool  # False: the untrained encoder, a reference level
     protocol: str
     epochs: int
     top1: float = Field(ge=0, le=1)

@@ -171,7 +171,7 @@ class TrainingParams(Strict):
     """How training runs: these change speed, and on GPU rounding, not the method."""
 
     precision: Literal["bf16", "fp16", "fp32"] = Field(description="Autocast dtype on CUDA (CPU runs fp32).")
-    channels_last: bool = Field(description="NHWC activations (faster convolutions on GPUs and CPUs).")
+    channels_last: bool = Field(description="NHWC activations on CUDA (faster convolutions).")
     compile: bool = Field(description="torch.compile the model.")
     loader_workers: int = Field(ge=-1, description="FFCV decoding threads (-1: all cores).")
     eval_batch_size: int = Field(ge=1)

@@ -114,7 +114,7 @@ def pretrain(run: Run, data: Path, out: Path, device: torch.device, code_version
     """
     torch.manual_seed(run.seed)
     model = build_model(run.method, run.cell, run.variant, run.stem, run.num_classes).to(device)
-    if run.training.channels_last:
+    if run.training.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = _optimizer(model, run)
     start_epoch, history = _resume(out / "checkpoint.pt", run, model, optimizer)
@@ -172,7 +172,8 @@ def _train_epoch(trained: nn.Module, model: SSLModel, loader, optimizer: LARS, r
     mi_weight = run.cell.mi_weight if run.variant.mi_reg else 0.0
     views = (run.view(run.augmentation.view_a), run.view(run.augmentation.view_b))
     generator = torch.Generator(device).manual_seed(run.seed * 100_003 + epoch)  # per-sample draws, per epoch
-    memory_format = torch.channels_last if run.training.channels_last else torch.contiguous_format
+    channels_last = run.training.channels_last and device.type == "cuda"  # on CPUs oneDNN can abort (tiny shapes)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     total_steps, warmup_steps = run.cell.epochs * steps_per_epoch, run.cell.warmup_epochs * steps_per_epoch
     sums: dict[str, float] = {}
     model.train()

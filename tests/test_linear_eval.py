@@ -5,7 +5,7 @@ import torch
 
 from pipeline.linear_eval import feature_batches, fit_probe, linear_eval
 from pipeline.params import load_params
-from pipeline.pretrain import make_run, pretrain
+from pipeline.pretrain import build_model, make_run, pretrain
 from tests.conftest import tiny_params, write_params
 
 
@@ -41,4 +41,16 @@ def test_linear_eval_of_a_pretrained_checkpoint(tiny_dataset, tmp_path, protocol
     result = linear_eval(run, tmp_path / "run" / "checkpoint.pt", tiny_dataset / "ffcv", params.linear_eval,
                          torch.device("cpu"))
     assert result["protocol"] == protocol and result["n_train"] == 80 and result["n_test"] == 40
-    assert 0 <= result["knn_top1"] <= 1 and 0 <= result["top1"] <= result["top5"] <= 1
+    assert 0 <= result["knn_top1"] <= 1 and 0 <= result["top1"] <= result["top5"] <= 1 and result["pretrained"]
+
+
+def test_untrained_encoder_is_the_pretraining_runs_starting_point(tiny_dataset, tmp_path):
+    """Without a checkpoint the encoder is the one `pretrain` starts from: a 0-step checkpoint scores the same."""
+    params = load_params(tiny_params(tmp_path / "p.yaml", epochs=1))
+    run = make_run(params, "synthetic", "simclr", "baseline", 3, json.loads((tiny_dataset / "meta.json").read_text()))
+    torch.manual_seed(run.seed)
+    initial = build_model(run.method, run.cell, run.variant, run.stem, run.num_classes)
+    torch.save({"model": initial.state_dict()}, tmp_path / "initial.pt")
+    untrained, loaded = (linear_eval(run, checkpoint, tiny_dataset / "ffcv", params.linear_eval, torch.device("cpu"))
+                         for checkpoint in (None, tmp_path / "initial.pt"))
+    assert untrained == loaded | {"pretrained": False}

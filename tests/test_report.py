@@ -24,7 +24,7 @@ def write_cells(root):
             name = f"cifar10-simclr-{variant}-seed{seed}.json"
             (root / "linear_eval").mkdir(exist_ok=True)
             (root / "linear_eval" / name).write_text(json.dumps(cell | {
-                "protocol": "features", "epochs": 100, "top1": top1, "top5": 0.99, "knn_top1": KNN[variant][seed],
+                "pretrained": True, "protocol": "features", "epochs": 100, "top1": top1, "top5": 0.99, "knn_top1": KNN[variant][seed],
                 "n_train": 50000, "n_test": 10000}))
             (root / "pretrain").mkdir(exist_ok=True)
             (root / "pretrain" / name).write_text(json.dumps(cell | {
