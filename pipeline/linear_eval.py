@@ -111,6 +111,7 @@ def linear_eval(run: Run, checkpoint: Path | None, data: Path, params: LinearEva
     with torch.no_grad():
         logits = probe(test[0])
     knn = knn_scores(*train, test[0], run.num_classes, k=params.knn_k, temperature=params.knn_temperature)
-    return {"pretrained": checkpoint is not None, "protocol": params.protocol, "epochs": params.epochs, "top1": topk_accuracy(logits, test[1], 1),
-            "top5": topk_accuracy(logits, test[1], 5), "knn_top1": topk_accuracy(knn, test[1], 1),
+    return {"pretrained": checkpoint is not None, "protocol": params.protocol, "epochs": params.epochs,
+            "top1": topk_accuracy(logits, test[1], 1), "top5": topk_accuracy(logits, test[1], 5),
+            "knn_top1": topk_accuracy(knn, test[1], 1),
             "n_train": len(train[1]), "n_test": len(test[1])}

@@ -14,10 +14,10 @@ from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFi
 def linear_eval_command(
         dataset: Dataset, method: Method, variant: Variant, seed: Seed, data: Data, metadata: Metadata,
         metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
-        checkpoint: Annotated[Path | None, typer.Option(
-            help="The pretraining checkpoint; leave out to evaluate the untrained encoder (the run's initial weights).")] = None,
+        checkpoint: Annotated[Path | None, typer.Option(help="The pretraining checkpoint; leave out to evaluate "
+                                                            "the untrained encoder (the run's initial weights).")] = None,
         params_file: ParamsFile = PARAMS_FILE) -> None:
-    """Linear top-1/top-5 and kNN top-1 of a pretrained encoder on the test split."""
+    """Linear top-1/top-5 and kNN top-1 of a pretrained (or the untrained) encoder on the test split."""
     from pipeline.linear_eval import linear_eval
     from pipeline.pretrain import make_run
     from pipeline.runtime import init_device
