@@ -18,14 +18,15 @@ COPY requirements.lock /opt/projector-ib/
 COPY scripts/setup /opt/projector-ib/scripts/
 RUN VENV=/opt/venv /opt/projector-ib/scripts/setup --deps-only && rm -rf /var/lib/apt/lists/*
 
-# Any --user works: a shared writable HOME (numba's cache, matplotlib's config), DVC's site cache on
-# the mounted repository, git trusts the mounted repository whoever owns it, and `dvc exp run` can
-# commit without a configured identity (yours, if set, wins).
+# Any --user works: a shared writable HOME (numba's cache, matplotlib's config), a USER name for uids
+# without a passwd entry (DVC asks for one), DVC's site cache on the mounted repository, git trusts the
+# mounted repository whoever owns it, and `dvc exp run` can commit without a configured identity
+# (yours, if set, wins).
 RUN mkdir -m 1777 /home/user \
     && git config --system --add safe.directory '*' \
     && git config --system user.name 'projector-ib container' \
     && git config --system user.email 'container@localhost'
-ENV PATH=/opt/venv/bin:$PATH HOME=/home/user NUMBA_CACHE_DIR=/home/user/.cache/numba \
+ENV PATH=/opt/venv/bin:$PATH HOME=/home/user USER=user NUMBA_CACHE_DIR=/home/user/.cache/numba \
     DVC_SITE_CACHE_DIR=/workspace/.dvc/tmp/site-cache DVC_NO_ANALYTICS=1
 WORKDIR /workspace
 CMD ["python", "-m", "stages", "--help"]

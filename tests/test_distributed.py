@@ -99,8 +99,10 @@ def test_barlow_twins_averages_the_cross_correlation_as_the_reference(ranks):
 @pytest.mark.slow
 def test_pretrain_stage_runs_under_torchrun(tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-               "-m", "stages", "pretrain", "--params", str(tiny_params(tmp_path / "p.yaml", epochs=2)),
+    # --local-addr: in scripts/container-check's container the hostname does not resolve
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
+               f"--nproc-per-node={WORLD}", "-m", "stages", "pretrain",
+               "--params", str(tiny_params(tmp_path / "p.yaml", epochs=2)),
                "--dataset", "synthetic", "--method", "barlow_twins", "--variant", "baseline", "--seed", "0",
                "--data", str(tiny_dataset / "ffcv"), "--metadata", str(tiny_dataset / "meta.json"),
                "--out", str(out), "--metrics", str(out / "metrics.json")]
