@@ -160,14 +160,15 @@ def _mean_history(paths: list[Path]) -> list[dict]:
             for i in range(min(len(run) for run in runs))]
 
 
-def compare(report: dict, reference: dict, tolerance: float) -> list[str]:
-    """How `report` (a results.json) departs from `reference`: rows missing either way, and means more
-    than `tolerance` points apart."""
+def compare(report: dict, reference: dict, tolerance: float) -> tuple[list[str], float]:
+    """How `report` (a results.json) departs from `reference`: rows missing either way and means more
+    than `tolerance` points apart; and the largest difference of a mean."""
     def rows(results: dict) -> dict[tuple, float]:
         return {(r["metric"], r["dataset"], r["method"], r["variant"]): r["mean"] for r in results["rows"]}
     ours, theirs = rows(report), rows(reference)
+    differences = {key: abs(ours[key] - mean) for key, mean in theirs.items() if key in ours}
     problems = [f"{' '.join(key)}: only in the {where}" for keys, other, where in
                 ((ours, theirs, "report"), (theirs, ours, "reference")) for key in keys if key not in other]
-    problems += [f"{' '.join(key)}: {ours[key]:.2f} against {mean:.2f} (tolerance {tolerance:g})"
-                 for key, mean in theirs.items() if key in ours and abs(ours[key] - mean) > tolerance]
-    return problems
+    problems += [f"{' '.join(key)}: {ours[key]:.2f} against {theirs[key]:.2f} (tolerance {tolerance:g})"
+                 for key, difference in differences.items() if difference > tolerance]
+    return problems, max(differences.values(), default=0.0)

@@ -61,10 +61,11 @@ def compare(report: Annotated[Path, typer.Argument(help="A report folder (result
             tolerance: Annotated[float, typer.Option(help="Largest allowed difference of a mean, points.")] = 5.0) -> None:
     """Check that a report has the reference's rows and means (accuracy %) within the tolerance."""
     from pipeline.report import compare as differences
-    problems = differences(_results(report), _results(reference), tolerance)
+    problems, largest = differences(_results(report), _results(reference), tolerance)
     if problems:
         raise UserError(f"{report} does not match {reference}:\n  " + "\n  ".join(problems))
-    typer.echo(f"compare: OK ({report} matches {reference} within {tolerance:g} points)")
+    typer.echo(f"compare: OK ({report} matches {reference} within {tolerance:g} points; largest difference "
+               f"{largest:.2f})")
 
 
 def _results(folder: Path) -> dict:
