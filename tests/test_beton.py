@@ -12,7 +12,7 @@ from pipeline.datasets.cifar import CIFAR10, SYNTHETIC, write_records
 from pipeline.datasets.splits import ArraySplit
 from pipeline.errors import UserError
 from pipeline.loaders import eval_loader, ssl_loader
-from tests.conftest import SHARED_DATA
+from tests.helpers import SHARED_DATA
 from tests.test_cifar import IMAGES_SHA256, LABELS_SHA256, needs_genuine
 
 

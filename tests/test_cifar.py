@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.datasets.cifar import CIFAR10, CIFAR100, read_records, write_records
 from pipeline.errors import UserError
-from tests.conftest import SHARED_DATA, record_bytes
+from tests.helpers import SHARED_DATA, record_bytes
 
 TEST_BATCH = SHARED_DATA / "test_batch.bin"
 # Pinned by the project (issue 2): the genuine CIFAR-10 test batch as (10000, 32, 32, 3) uint8 in file order.

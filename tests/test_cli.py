@@ -2,7 +2,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stages.cli import app
-from tests.conftest import write_params
+from tests.helpers import write_params
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.losses import barlow_twins, nt_xent
-from tests.conftest import REPO, tiny_params
+from tests.helpers import REPO, tiny_params
 
 WORLD = 2
 

@@ -11,7 +11,7 @@ from pipeline.datasets.cifar import CIFAR10, CIFAR100
 from pipeline.datasets.download import download
 from pipeline.errors import UserError
 from pipeline.params import load_params
-from tests.conftest import cifar_archive, member, write_params
+from tests.helpers import cifar_archive, member, write_params
 
 
 def md5(data: bytes) -> str:

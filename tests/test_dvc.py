@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_CELL, write_params
+from tests.helpers import REPO, TINY_CELL, write_params
 
 pytestmark = pytest.mark.slow
 SMALL = {"experiment": {"datasets": ["synthetic"], "methods": ["simclr", "barlow_twins"], "variants": ["baseline"],

@@ -10,7 +10,7 @@ from pipeline.datasets.image_tree import imagenet100_classes
 from pipeline.errors import UserError
 from pipeline.loaders import eval_loader
 from pipeline.params import load_params
-from tests.conftest import write_params
+from tests.helpers import write_params
 
 
 def make_tree(root, classes, per_split=((("train", 2), ("val", 1))), size=(12, 10), fmt="JPEG"):

@@ -6,7 +6,7 @@ import torch
 from pipeline.linear_eval import feature_batches, fit_probe, linear_eval
 from pipeline.params import load_params
 from pipeline.pretrain import build_model, make_run, pretrain
-from tests.conftest import tiny_params, write_params
+from tests.helpers import tiny_params, write_params
 
 
 def clusters(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

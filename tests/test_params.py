@@ -7,7 +7,7 @@ from pipeline.datasets import DATASETS
 from pipeline.errors import ParamsError
 from pipeline.params import DatasetName, load_params
 from stages.cli import app
-from tests.conftest import REPO, write_params
+from tests.helpers import REPO, write_params
 
 
 def test_committed_params_are_valid():

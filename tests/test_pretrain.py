@@ -14,7 +14,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.params import load_params
 from pipeline.pretrain import COLUMNS, make_run, pretrain
-from tests.conftest import REPO, tiny_params, write_params
+from tests.helpers import REPO, tiny_params, write_params
 
 @pytest.mark.parametrize("method, variant", [("simclr", "baseline"), ("simclr", "mi_reg"),
                                              ("barlow_twins", "discrete"), ("barlow_twins", "sae")])

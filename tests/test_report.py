@@ -10,7 +10,7 @@ from pipeline.errors import UserError
 from pipeline.params import ExperimentParams
 from pipeline.report import paired_gain, write_report
 from stages.cli import app
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 EXPERIMENT = ExperimentParams(datasets=["cifar10"], methods=["simclr"], variants=["baseline", "mi_reg"], seeds=[0, 1, 2])
 TOP1 = {"baseline": [0.90, 0.91, 0.92], "mi_reg": [0.92, 0.935, 0.945]}

@@ -5,7 +5,7 @@ from torch import nn
 from pipeline.datasets import get_dataset
 from pipeline.datasets.synthetic import class_names, generate
 from pipeline.params import load_params
-from tests.conftest import write_params
+from tests.helpers import write_params
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes():
