@@ -12,15 +12,15 @@ GPU batches run the torch ops below; CPU batches run the same ops fused in one n
 (`pipeline.augment_cpu`), several times faster on few cores. Both take the same draws.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from pipeline.augment_cpu import augment_cpu
-
-GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+from pipeline.augment_cpu import BICUBIC_A, GRAY, augment_cpu
+from pipeline.params import ViewParams
 
 
 @dataclass(frozen=True)
@@ -28,17 +28,24 @@ class ViewSpec:
     """One view's augmentation: probabilities and ranges as in PAPER.md section 4."""
 
     size: int  # output side, pixels
-    crop: bool = True  # random resized crop here; False when the FFCV decoder already cropped
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    interpolation: str = "bicubic"  # or "bilinear"
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.0
+    crop: bool  # random resized crop here; False when the FFCV decoder already cropped
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    interpolation: str  # "bicubic" or "bilinear"
+    flip_p: float
+    jitter: tuple[float, float, float, float]  # brightness, contrast, saturation, hue
+    jitter_p: float
+    grayscale_p: float
+    blur_p: float
+    blur_sigma: tuple[float, float]
+    solarize_p: float
+
+    @classmethod
+    def from_params(cls, view: ViewParams, size: int, crop: bool) -> "ViewSpec":
+        return cls(size, crop, crop_scale=tuple(view.crop_scale), crop_ratio=tuple(view.crop_ratio),
+                   interpolation=view.interpolation, flip_p=view.flip_p, jitter=tuple(view.jitter),
+                   jitter_p=view.jitter_p, grayscale_p=view.grayscale_p, blur_p=view.blur_p,
+                   blur_sigma=tuple(view.blur_sigma), solarize_p=view.solarize_p)
 
     @property
     def blur_size(self) -> int:
@@ -66,8 +73,8 @@ def draw(b: int, hw: tuple[int, int], spec: ViewSpec, generator: torch.Generator
     if spec.crop:
         boxes = torch.stack(crop_boxes(hw, b, spec, generator), 1).long()
     else:
-        boxes = torch.tensor([0, 0, *hw], device=device).expand(b, 4)
-    probabilities = torch.tensor([spec.jitter_p, spec.grayscale_p, spec.blur_p, spec.solarize_p], device=device)
+        boxes = _constant((0, 0, *hw), device).expand(b, 4)
+    probabilities = _constant((spec.jitter_p, spec.grayscale_p, spec.blur_p, spec.solarize_p), device)
     return Draws(boxes=boxes, flip=uniform() < spec.flip_p, factors=jitter_factors(uniform(4), spec.jitter),
                  order=uniform(4).argsort(dim=1), apply=uniform(4) < probabilities,
                  sigma=spec.blur_sigma[0] + uniform() * (spec.blur_sigma[1] - spec.blur_sigma[0]))
@@ -93,19 +100,23 @@ def augment_torch(x: Tensor, spec: ViewSpec, d: Draws, mean: Tensor, std: Tensor
     x = x.float().div_(255)
     top, left, h, w = d.boxes.unbind(1)
     x = resized_crop(x, top, left, h, w, d.flip, spec.size, spec.interpolation).clamp_(0, 1)
-    x = _where(d.apply[:, 0], lambda i: color_jitter(x[i], d.factors[i], d.order[i]), x)
-    x = _where(d.apply[:, 1], lambda i: grayscale(x[i]), x)
-    x = _where(d.apply[:, 2], lambda i: gaussian_blur(x[i], d.sigma[i], spec.blur_size), x)
-    x = _where(d.apply[:, 3], lambda i: solarize(x[i]), x)
+    x = _where(d.apply[:, 0], color_jitter(x, d.factors, d.order), x)
+    x = _where(d.apply[:, 1], grayscale(x), x)
+    x = _where(d.apply[:, 2], gaussian_blur(x, d.sigma, spec.blur_size), x)
+    x = _where(d.apply[:, 3], solarize(x), x)
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
-def _where(mask: Tensor, op, x: Tensor) -> Tensor:
-    """Apply `op` to the samples selected by `mask` (op receives their indices)."""
-    index = mask.nonzero().squeeze(1)
-    if len(index):
-        x[index] = op(index)
-    return x
+def _where(mask: Tensor, done: Tensor, x: Tensor) -> Tensor:
+    """Per sample, `done` where `mask` else `x`. Ops run on the whole batch: choosing the samples first
+    (nonzero, boolean indexing) would make the host wait for the device at every op."""
+    return torch.where(mask.view(-1, 1, 1, 1), done, x)
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """A small constant tensor, copied to `device` once (a copy each step would make the host wait)."""
+    return torch.tensor(values, device=device)
 
 
 def crop_boxes(hw: tuple[int, int], b: int, spec: ViewSpec, generator: torch.Generator) -> tuple[Tensor, ...]:
@@ -114,7 +125,7 @@ def crop_boxes(hw: tuple[int, int], b: int, spec: ViewSpec, generator: torch.Gen
     device = generator.device
     area = height * width * (spec.crop_scale[0] + torch.rand(b, 10, device=device, generator=generator)
                              * (spec.crop_scale[1] - spec.crop_scale[0]))
-    log_ratio = torch.tensor(spec.crop_ratio, device=device).log()
+    log_ratio = _constant(spec.crop_ratio, device).log()
     ratio = torch.exp(log_ratio[0] + torch.rand(b, 10, device=device, generator=generator) * (log_ratio[1] - log_ratio[0]))
     w, h = torch.sqrt(area * ratio).round(), torch.sqrt(area / ratio).round()
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
@@ -141,7 +152,7 @@ def resize_matrix(start: Tensor, length: Tensor, in_size: int, out_size: int, in
     j = torch.arange(in_size, device=start.device)[None, None, :] - start[:, None, None]  # (B, 1, H) crop coords
     t = ((j + 0.5 - center) / scale.clamp(min=1)).abs()
     if interpolation == "bicubic":
-        a = -0.5
+        a = BICUBIC_A
         weight = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
                              torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
     elif interpolation == "bilinear":
@@ -166,8 +177,8 @@ def resized_crop(x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, fli
 
 def jitter_factors(u: Tensor, strength: tuple[float, float, float, float]) -> Tensor:
     """(B, 4) uniform draws -> brightness, contrast, saturation in [max(0, 1 − s), 1 + s], hue in [−s, s]."""
-    low = torch.tensor([max(0.0, 1 - s) for s in strength[:3]] + [-strength[3]], device=u.device)
-    high = torch.tensor([1 + s for s in strength[:3]] + [strength[3]], device=u.device)
+    low = _constant(tuple(max(0.0, 1 - s) for s in strength[:3]) + (-strength[3],), u.device)
+    high = _constant(tuple(1 + s for s in strength[:3]) + (strength[3],), u.device)
     return low + u * (high - low)
 
 
@@ -189,7 +200,7 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
            adjust_hue)
     for step in range(4):
         for op_index, op in enumerate(ops):
-            x = _where(order[:, step] == op_index, lambda i: op(x[i], factors[i, op_index]), x)
+            x = _where(order[:, step] == op_index, op(x, factors[:, op_index]), x)
     return x
 
 

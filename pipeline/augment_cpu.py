@@ -12,7 +12,9 @@ import numpy as np
 from numba import njit, prange
 
 F32 = np.float32
-GR, GG, GB = F32(0.2989), F32(0.587), F32(0.114)
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+BICUBIC_A = -0.5  # the cubic convolution coefficient of torchvision's antialiased resize and PIL
+GR, GG, GB = F32(GRAY[0]), F32(GRAY[1]), F32(GRAY[2])
 
 
 @njit(cache=True, fastmath=True)
@@ -31,7 +33,8 @@ def _resize_weights(start, length, in_size, out_size, bicubic, flip):
         for j in range(lo, hi):
             t = abs((j - center + 0.5) / stretch)
             if bicubic:
-                w = ((1.5 * t - 2.5) * t * t + 1.0) if t < 1.0 else ((((t - 5.0) * t + 8.0) * t - 4.0) * -0.5 if t < 2.0 else 0.0)
+                w = (((BICUBIC_A + 2) * t - (BICUBIC_A + 3)) * t * t + 1.0) if t < 1.0 else \
+                    ((((t - 5.0) * t + 8.0) * t - 4.0) * BICUBIC_A if t < 2.0 else 0.0)
             else:
                 w = max(0.0, 1.0 - t)
             m[start + j, col] = w

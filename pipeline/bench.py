@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
@@ -21,10 +20,12 @@ from torchvision import transforms as T
 from pipeline.augment import augment
 from pipeline.datasets.splits import Split
 from pipeline.loaders import ssl_loader
+from pipeline.model import build_model
 from pipeline.mutual_info import matrix_mutual_info
-from pipeline.optim import LARS
-from pipeline.pretrain import LOSSES, Run, build_model
 from pipeline.params import ViewParams
+from pipeline.pretrain import make_optimizer
+from pipeline.run import Run
+from pipeline.step import backward, forward
 
 
 def batches_per_second(batches: Iterator, count: int, warmup: int) -> float:
@@ -37,11 +38,10 @@ def batches_per_second(batches: Iterator, count: int, warmup: int) -> float:
 
 
 def our_batches(run: Run, beton: Path, batch_size: int, workers: int, device: torch.device) -> Iterator:
-    loader = ssl_loader(beton, batch_size, seed=0, workers=workers, device=device,
-                        crop_size=run.crop_size if run.decoder_crops else None)
-    stats = (torch.tensor(run.mean, device=device), torch.tensor(run.std, device=device))
+    views, stats = run.views(), run.stats(device)
+    loader = ssl_loader(beton, batch_size, seed=0, workers=workers, device=device, crop_size=run.decoder_crop,
+                        crop_scales=[view.crop_scale for view in views])
     generator = torch.Generator(device).manual_seed(0)
-    views = (run.view(run.augmentation.view_a), run.view(run.augmentation.view_b))
     while True:
         for x_a, x_b, y in loader:
             yield [augment(x, view, *stats, generator) for x, view in zip((x_a, x_b), views)], y
@@ -62,7 +62,7 @@ class _Blur:
 def reference_transform(view: ViewParams, size: int, mean, std) -> Callable:
     mode = T.InterpolationMode.BICUBIC if view.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
     return T.Compose([
-        T.RandomResizedCrop(size, scale=tuple(view.crop_scale), interpolation=mode),
+        T.RandomResizedCrop(size, scale=tuple(view.crop_scale), ratio=tuple(view.crop_ratio), interpolation=mode),
         T.RandomApply([T.ColorJitter(*view.jitter)], p=view.jitter_p),
         T.RandomGrayscale(p=view.grayscale_p),
         T.RandomApply([_Blur(view.blur_sigma)], p=view.blur_p),
@@ -96,20 +96,20 @@ def reference_batches(run: Run, split: Split, batch_size: int, workers: int) -> 
 
 
 def step_seconds(run: Run, batch_size: int, steps: int, device: torch.device) -> float:
-    """Seconds per training step (both views, SSL loss, online classifier, LARS) on random inputs."""
+    """Seconds per training step (pipeline.step: both views, losses, logged values, LARS) on random inputs."""
     torch.manual_seed(0)
-    model = build_model(run.method, run.cell, run.variant, run.stem, run.num_classes).to(device)
-    optimizer = LARS(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, eta=0.02, clip_lr=True,
-                     exclude_bias_n_norm=True)
-    loss_fn = LOSSES[run.method](run.cell)
+    model = build_model(run).to(device)
+    optimizer = make_optimizer(model, run)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"]
+    parameters = list(model.parameters())
     x = torch.randn(2, batch_size, 3, run.crop_size, run.crop_size, device=device)
     y = torch.randint(0, run.num_classes, (batch_size,), device=device)
 
     def step() -> None:
-        h_a, h_b, z_a, z_b, logits = model(x[0], x[1])
-        loss = loss_fn(z_a, z_b) + F.cross_entropy(logits, torch.cat([y, y]))
+        out = forward(model, run, x[0], x[1], y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(out, run, parameters)
         optimizer.step()
 
     return _seconds(step, steps, device)
@@ -117,11 +117,11 @@ def step_seconds(run: Run, batch_size: int, steps: int, device: torch.device) ->
 
 def regularizer_seconds(run: Run, batch_size: int, repeats: int, device: torch.device) -> float:
     """Seconds for the MI regularizer's forward and backward on features of one step's shapes."""
-    feature_dim = 8 * run.cell.backbone_width
-    out_dim = run.cell.projector_out_dim
+    feature_dim = 8 * run.common.backbone_width
+    out_dim = run.common.projector_out_dim
     h = torch.randn(2 * batch_size, feature_dim, device=device, requires_grad=True)
     z = torch.randn(2 * batch_size, out_dim, device=device, requires_grad=True)
-    return _seconds(lambda: matrix_mutual_info(h, z, run.cell.renyi_alpha).backward(), repeats, device)
+    return _seconds(lambda: matrix_mutual_info(h, z, run.common.renyi_alpha).backward(), repeats, device)
 
 
 def _seconds(fn: Callable[[], None], repeats: int, device: torch.device) -> float:

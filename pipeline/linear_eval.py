@@ -1,14 +1,16 @@
-"""Linear evaluation of a frozen encoder (PAPER.md section 4.1) and a weighted kNN beside it.
+"""Evaluation of the encoder features h (PAPER.md 4.1): the paper's protocol, a fast frozen probe, a kNN.
 
-Protocols (params `linear_eval.protocol`):
-- `features`: features of the plain train images are computed once; the linear classifier trains on
-  them (fast).
-- `augmented`: the reference's protocol: every epoch, randomly resized crops + flips of the train
-  images pass through the frozen encoder (BatchNorm in eval mode) into the linear classifier.
-Either way the optimizer (SGD or LARS) and schedule (warmup-cosine, or ×0.1 at 60% and 80% of the
-epochs) are params; the test split is evaluated on plain images (center crop for ImageNet).
+The paper's protocol (params `linear_eval.<dataset>.<method>.protocol`), as the reference's scripts run it:
+- `finetune`: backbone and linear classifier trained together (BatchNorm in train mode) on random resized
+  crops + flips of the train images (the reference's `finetune: True` default);
+- `augmented`: the backbone frozen in eval mode; the classifier trains on its features of the crops + flips;
+- `features`: the classifier trains on features of the plain train images, computed once.
+Optimizer (SGD or LARS) and schedule (warmup-cosine, or ×0.1 at given epochs) are params. The test split is
+evaluated on plain images (ImageNet: resize 256, center crop 224). Beside it, always: the fast frozen probe
+(`features` with `linear_eval.probe`'s settings) and a weighted kNN on the frozen features.
 """
 
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -17,101 +19,170 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.augment import ViewSpec, augment
+from pipeline.backbones import ResNet18
+from pipeline.checkpoint import load_checkpoint
+from pipeline.errors import UserError
 from pipeline.knn import knn_scores, topk_accuracy
 from pipeline.loaders import eval_loader, ssl_loader
+from pipeline.metrics import LinearEvalMetrics
+from pipeline.model import build_backbone, initial_backbone
 from pipeline.optim import LARS, warmup_cosine
-from pipeline.params import LinearEvalParams
-from pipeline.pretrain import Run, build_model
+from pipeline.params import UNTRAINED, FitParams, LinearEvalParams, OptimizerParams, ProtocolParams
+from pipeline.progress import progress
+from pipeline.run import Run
+from pipeline.runtime import autocast
 
-Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch -> (features, labels) batches
+log = logging.getLogger(__name__)
+Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch -> (inputs, labels) batches
+
+
+def load_backbone(run: Run, checkpoint: Path | None) -> ResNet18:
+    """The encoder saved in a pretraining `checkpoint`; with None, the one pretraining starts from."""
+    if checkpoint is None:
+        return initial_backbone(run)
+    state = load_checkpoint(checkpoint, "pass the checkpoint.pt a pretraining run wrote")
+    backbone = build_backbone(run)
+    weights = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"{checkpoint}: its encoder does not fit pretrain.{run.dataset}.{run.method}.common "
+                        f"({str(e).splitlines()[0]})") from None
+    return backbone
+
+
+def linear_eval(run: Run, backbone: ResNet18, data: Path, params: LinearEvalParams, optimizer: OptimizerParams,
+                device: torch.device) -> LinearEvalMetrics:
+    """The three evaluations of `backbone` on the test split of `data`; a finetuned backbone is changed in place."""
+    backbone = backbone.to(device)
+    setting: ProtocolParams = getattr(getattr(params, run.dataset), run.method)
+    mean, std = run.stats(device)
+    frozen = {split: extract_features(backbone, eval_loader(data / f"{split}.beton", setting.batch_size,
+                                                            crop_size=run.decoder_crop, device=device),
+                                      mean, std, run.precision) for split in ("train", "test")}
+    knn = knn_scores(*frozen["train"], frozen["test"][0], run.num_classes, k=params.knn.k,
+                     temperature=params.knn.temperature)
+    probe = _fit(_classifier(backbone, run, device), *feature_batches(*frozen["train"], params.probe, run, device),
+                 params.probe, optimizer, "fp32", "fast frozen probe")
+    with torch.no_grad():
+        probe_scores = probe(frozen["test"][0].to(device)).cpu()
+    top1, top5 = _protocol(run, backbone, setting, params, optimizer, data, frozen, device)
+    result = LinearEvalMetrics(
+        dataset=run.dataset, method=run.method, variant=run.variant.name, seed=run.seed,
+        pretrained=run.variant.name != UNTRAINED, protocol=setting.protocol, epochs=setting.epochs, top1=top1,
+        top5=top5, probe_top1=topk_accuracy(probe_scores, frozen["test"][1], 1),
+        knn_top1=topk_accuracy(knn, frozen["test"][1], 1), n_train=len(frozen["train"][1]),
+        n_test=len(frozen["test"][1]))
+    log.info("%s top-1 %.4f, top-5 %.4f; frozen probe top-1 %.4f; kNN top-1 %.4f", setting.protocol, result.top1,
+             result.top5, result.probe_top1, result.knn_top1)
+    return result
+
+
+def _protocol(run: Run, backbone: ResNet18, setting: ProtocolParams, params: LinearEvalParams,
+              optimizer: OptimizerParams, data: Path, frozen: dict, device: torch.device) -> tuple[float, float]:
+    """Top-1 and top-5 test accuracy of the paper's protocol."""
+    classifier = _classifier(backbone, run, device)
+    if setting.protocol == "features":
+        _fit(classifier, *feature_batches(*frozen["train"], setting, run, device), setting, optimizer, "fp32",
+             "features protocol")
+        with torch.no_grad():
+            logits = classifier(frozen["test"][0].to(device)).cpu()
+        return topk_accuracy(logits, frozen["test"][1], 1), topk_accuracy(logits, frozen["test"][1], 5)
+    view = ViewSpec.from_params(params.view, run.crop_size, crop=not run.decoder_crops)
+    batches, steps = augmented_batches(run, view, data / "train.beton", setting.batch_size, device)
+    if setting.protocol == "finetune":
+        model = nn.Sequential(backbone, classifier)
+        _fit(model, batches, steps, setting, optimizer, run.precision, "finetune")
+    else:
+        def features(epoch: int):
+            backbone.eval()
+            for x, y in batches(epoch):
+                with torch.no_grad(), autocast(run.precision, device.type):
+                    h = backbone(x)
+                yield h.float(), y
+        _fit(classifier, features, steps, setting, optimizer, "fp32", "augmented protocol")
+    mean, std = run.stats(device)
+    test = extract_features(backbone, eval_loader(data / "test.beton", setting.batch_size, crop_size=run.decoder_crop,
+                                                  device=device), mean, std, run.precision)
+    with torch.no_grad():
+        logits = classifier(test[0].to(device)).cpu()
+    return topk_accuracy(logits, test[1], 1), topk_accuracy(logits, test[1], 5)
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, batches, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
-    """Encoder features h (n, F) and labels (n,) of every image in `batches` (an eval loader)."""
+def extract_features(backbone: nn.Module, batches, mean: Tensor, std: Tensor, precision: str) -> tuple[Tensor, Tensor]:
+    """Encoder features h (n, F) and labels (n,) of every image in `batches` (an eval loader), on the CPU."""
     backbone.eval()
     features, labels = [], []
     for x, y in batches:
         x = (x.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-        features.append(backbone(x).float().cpu())
+        with autocast(precision, x.device.type):
+            features.append(backbone(x).float().cpu())
         labels.append(y.cpu())
     return torch.cat(features), torch.cat(labels)
 
 
-def fit_probe(probe: nn.Linear, batches: Batches, steps_per_epoch: int, params: LinearEvalParams) -> nn.Linear:
-    """Train `probe` with cross-entropy over `params.epochs` epochs of `batches(epoch)`."""
-    if params.optimizer == "lars":
-        optimizer = LARS(probe.parameters(), lr=params.lr, momentum=params.momentum,
-                         weight_decay=params.weight_decay, eta=0.02, clip_lr=True, exclude_bias_n_norm=True)
-    else:
-        optimizer = torch.optim.SGD(probe.parameters(), lr=params.lr, momentum=params.momentum,
-                                    weight_decay=params.weight_decay)
-    total = params.epochs * steps_per_epoch
-    for epoch in range(params.epochs):
-        for step, (features, labels) in enumerate(batches(epoch)):
-            for group in optimizer.param_groups:
-                group["lr"] = _lr(epoch * steps_per_epoch + step, total, steps_per_epoch, params)
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(probe(features), labels).backward()
-            optimizer.step()
-    return probe
+def _classifier(backbone: ResNet18, run: Run, device: torch.device) -> nn.Linear:
+    torch.manual_seed(run.seed)
+    return nn.Linear(backbone.feature_dim, run.num_classes).to(device)
 
 
-def _lr(step: int, total: int, steps_per_epoch: int, params: LinearEvalParams) -> float:
-    if params.schedule == "step":
-        return params.lr * 0.1 ** sum(step >= fraction * total for fraction in (0.6, 0.8))
-    return warmup_cosine(step, total, params.warmup_epochs * steps_per_epoch, params.lr, 0.0)
+def feature_batches(features: Tensor, labels: Tensor, fit: FitParams, run: Run,
+                    device: torch.device) -> tuple[Batches, int]:
+    """Shuffled batches of precomputed features (moved to `device` once), a new order each epoch."""
+    features, labels = features.to(device), labels.to(device)
 
-
-def feature_batches(features: Tensor, labels: Tensor, batch_size: int, seed: int) -> tuple[Batches, int]:
-    """Shuffled batches of precomputed features, a new order each epoch."""
     def batches(epoch: int):
-        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        return ((features[i], labels[i]) for i in order.split(batch_size))
-    return batches, -(-len(features) // batch_size)
+        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(run.epoch_seed(epoch)))
+        return ((features[i], labels[i]) for i in order.split(fit.batch_size))
+    return batches, -(-len(features) // fit.batch_size)
 
 
-def augmented_batches(backbone: nn.Module, run: Run, path: Path, batch_size: int, mean: Tensor, std: Tensor,
-                      device: torch.device) -> tuple[Batches, int]:
-    """Frozen-encoder features of random resized crops + flips of the train images, drawn anew each epoch."""
-    loader = ssl_loader(path, batch_size, seed=run.seed, crop_size=run.crop_size if run.decoder_crops else None,
+def augmented_batches(run: Run, view: ViewSpec, path: Path, batch_size: int, device: torch.device) -> tuple[Batches, int]:
+    """Normalized random resized crops + flips of the train images, drawn anew each epoch."""
+    loader = ssl_loader(path, batch_size, seed=run.seed, crop_size=run.decoder_crop, crop_scales=(view.crop_scale,),
                         device=device)
-    view = ViewSpec(run.crop_size, crop=not run.decoder_crops, jitter_p=0.0, grayscale_p=0.0)
+    mean, std = run.stats(device)
 
     def batches(epoch: int):
-        loader.loader.next_epoch = epoch
-        generator = torch.Generator(device).manual_seed(run.seed * 100_003 + epoch)
-        backbone.eval()
-        for x, _, y in loader:
-            with torch.no_grad():  # not around the yield: grad mode would stay off in the caller
-                features = backbone(augment(x, view, mean, std, generator)).float().cpu()
-            yield features, y.cpu()
+        loader.set_epoch(epoch)
+        generator = torch.Generator(device).manual_seed(run.epoch_seed(epoch))
+        for x, y in loader:
+            yield augment(x, view, mean, std, generator), y
     return batches, len(loader)
 
 
-def linear_eval(run: Run, checkpoint: Path | None, data: Path, params: LinearEvalParams, device: torch.device) -> dict:
-    """Linear top-1/top-5 and kNN top-1 on the test split of the encoder saved in `checkpoint`; with
-    None, of the untrained encoder: the weights `run`'s pretraining starts from (a reference level)."""
-    torch.manual_seed(run.seed)  # as `pretrain` does before building the model
-    model = build_model(run.method, run.cell, run.variant, run.stem, run.num_classes)
-    if checkpoint is not None:
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
-    backbone = model.backbone.to(device)
-    mean, std = torch.tensor(run.mean, device=device), torch.tensor(run.std, device=device)
-    crop = run.crop_size if run.decoder_crops else None
-    train, test = (extract_features(backbone, eval_loader(data / f"{split}.beton", params.batch_size,
-                                                          crop_size=crop, device=device), mean, std)
-                   for split in ("train", "test"))
-    if params.protocol == "augmented":
-        batches, steps = augmented_batches(backbone, run, data / "train.beton", params.batch_size, mean, std, device)
+def _fit(model: nn.Module, batches: Batches, steps_per_epoch: int, fit: FitParams, optimizer: OptimizerParams,
+         precision: str, description: str) -> nn.Module:
+    """Train `model` with cross-entropy for `fit.epochs` epochs of `batches(epoch)`; return it in eval mode."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    lr = fit.base_lr * fit.batch_size / 256
+    if fit.optimizer == "lars":
+        opt: torch.optim.Optimizer = LARS(parameters, lr=lr, momentum=optimizer.momentum,
+                                          weight_decay=fit.weight_decay, eta=optimizer.eta, clip_lr=optimizer.clip_lr,
+                                          exclude_bias_n_norm=optimizer.exclude_bias_n_norm)
     else:
-        batches, steps = feature_batches(*train, params.batch_size, run.seed)
-    torch.manual_seed(run.seed)
-    probe = fit_probe(nn.Linear(backbone.feature_dim, run.num_classes), batches, steps, params)
-    with torch.no_grad():
-        logits = probe(test[0])
-    knn = knn_scores(*train, test[0], run.num_classes, k=params.knn_k, temperature=params.knn_temperature)
-    return {"pretrained": checkpoint is not None, "protocol": params.protocol, "epochs": params.epochs,
-            "top1": topk_accuracy(logits, test[1], 1), "top5": topk_accuracy(logits, test[1], 5),
-            "knn_top1": topk_accuracy(knn, test[1], 1),
-            "n_train": len(train[1]), "n_test": len(test[1])}
+        opt = torch.optim.SGD(parameters, lr=lr, momentum=optimizer.momentum, weight_decay=fit.weight_decay)
+    total = fit.epochs * steps_per_epoch
+    device_type = next(model.parameters()).device.type
+    with progress(description, total, "steps") as advance:
+        for epoch in range(fit.epochs):
+            model.train()
+            for step, (x, y) in enumerate(batches(epoch)):
+                for group in opt.param_groups:
+                    group["lr"] = scheduled_lr(epoch * steps_per_epoch + step, steps_per_epoch, fit, lr,
+                                               optimizer.warmup_start_lr)
+                with autocast(precision, device_type):
+                    loss = F.cross_entropy(model(x).float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                advance(1)
+    return model.eval()
+
+
+def scheduled_lr(step: int, steps_per_epoch: int, fit: FitParams, lr: float, warmup_start_lr: float) -> float:
+    if fit.schedule == "step":
+        return lr * 0.1 ** sum(step >= epoch * steps_per_epoch for epoch in fit.lr_decay_epochs)
+    start = warmup_start_lr if fit.warmup_epochs else lr  # as solo-learn
+    return warmup_cosine(step, fit.epochs * steps_per_epoch, fit.warmup_epochs * steps_per_epoch, lr, start)

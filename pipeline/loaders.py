@@ -27,6 +27,10 @@ class Batches:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The data order of a shuffled loader is a function of (seed, epoch)."""
+        self.loader.next_epoch = epoch
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         order = list(self.loader.pipeline_specs)  # FFCV yields outputs in this order
         for batch in self.loader:
@@ -34,26 +38,26 @@ class Batches:
             yield tuple(named[name] for name in self.names)
 
 
-def ssl_loader(path: Path, batch_size: int, *, seed: int, workers: int = -1, crop_size: int | None = None,
-               crop_scales: tuple[tuple[float, float], tuple[float, float]] = ((0.08, 1.0), (0.08, 1.0)),
-               device: torch.device = torch.device("cpu"), distributed: bool = False) -> Batches:
-    """Shuffled batches of (x_a, x_b, y): two views decoded from the one stored image.
+def ssl_loader(path: Path, batch_size: int, *, seed: int, crop_scales: Sequence[Sequence[float]], workers: int = -1,
+               crop_size: int | None = None, device: torch.device = torch.device("cpu"),
+               distributed: bool = False) -> Batches:
+    """Shuffled batches of (x_a, x_b, y), or (x, y) with one crop scale: views decoded from the one stored image.
 
     `crop_size=None` decodes images as stored (fixed-size data such as CIFAR); otherwise each view
     is a random resized crop (area range `crop_scales[view]`) made by the decoder. Augmentation
     proper runs on the device batch (`pipeline.augment`).
     """
-    def view(scale: tuple[float, float]) -> list:
+    def view(scale: Sequence[float]) -> list:
         decoder = (SimpleRGBImageDecoder() if crop_size is None
-                   else RandomResizedCropRGBImageDecoder((crop_size,) * 2, scale=scale))
+                   else RandomResizedCropRGBImageDecoder((crop_size,) * 2, scale=tuple(scale)))
         return [decoder, *_to_torch(device)]
 
-    views = [view(scale) for scale in crop_scales]
+    names = ["image"] + [f"image_{k}" for k in range(1, len(crop_scales))]
+    pipelines = {name: view(scale) if name == "image" else PipelineSpec("image", transforms=view(scale))
+                 for name, scale in zip(names, crop_scales)}
     loader = Loader(str(path), batch_size, num_workers=workers, order=OrderOption.RANDOM, seed=seed,
-                    drop_last=True, distributed=distributed,
-                    pipelines={"image": views[0], "image_b": PipelineSpec("image", transforms=views[1]),
-                               "label": _label_ops(device)})
-    return Batches(loader, ("image", "image_b", "label"))
+                    drop_last=True, distributed=distributed, pipelines=pipelines | {"label": _label_ops(device)})
+    return Batches(loader, (*names, "label"))
 
 
 def eval_loader(path: Path, batch_size: int, *, workers: int = -1, crop_size: int | None = None,

@@ -11,9 +11,7 @@ import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from pipeline.runtime import world_size
 
 
 def nt_xent(z_a: Tensor, z_b: Tensor, temperature: float) -> Tensor:
@@ -30,7 +28,8 @@ def nt_xent(z_a: Tensor, z_b: Tensor, temperature: float) -> Tensor:
         offset = dist.get_rank() * 2 * n
     logits = queries @ keys.T / temperature  # (2n, 2N)
     anchors = torch.arange(2 * n, device=z_a.device)
-    logits[anchors, anchors + offset] = float("-inf")  # an anchor is not its own negative
+    itself = torch.arange(len(keys), device=z_a.device)[None, :] == (anchors + offset)[:, None]  # (2n, 2N)
+    logits = logits.masked_fill(itself, float("-inf"))  # an anchor is not its own negative
     positives = (anchors + n) % (2 * n) + offset
     return F.cross_entropy(logits, positives)
 

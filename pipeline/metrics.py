@@ -1,5 +1,6 @@
 """Schemas of the metrics files the stages write, and reading them back for the report and the audit."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -20,28 +21,46 @@ class CellMetrics(Strict):
         return self.dataset, self.method, self.variant, self.seed
 
 
-class PretrainMetrics(CellMetrics):
-    """`pretrain`: the last epoch's averages (PAPER.md 3.3 quantities) and online accuracy."""
+class EpochLog(Strict):
+    """One row of a run's log.csv: per-epoch averages of the PAPER.md 3.3 quantities, and training facts."""
 
-    epoch: int
-    epochs: int
+    epoch: int = Field(ge=1)
     ssl_loss: float
-    mi_z1_z2: float
-    mi_z1_r: float
-    lower_bound: float
-    upper_bound: float
-    entropy_z1: float
+    mi_z1_z2: float = Field(description="I(Z1;Z2), matrix Rényi mutual information of features and projections.")
+    mi_z1_r_estimate: float = Field(description="SimCLR: the InfoNCE bound log(2·batch − 1) − L(h_a, h_b) on I(Z1;R); "
+                                                "Barlow Twins: −L(h_a, h_b), the reference's proxy.")
+    entropy_z1: float = Field(description="H(Z1), matrix Rényi entropy of the features.")
     online_train_acc: float = Field(ge=0, le=1)
+    lower_bound: float = Field(description="mi_z1_r_estimate − I(Z1;Z2) (the paper drops I(R;Y)).")
+    upper_bound: float = Field(description="H(Z1) − I(Z1;Z2) (the paper drops I(Y;Z2)).")
+    mi_grad_ratio: float = Field(ge=0, description="‖λ·∂I(Z1;Z2)/∂h‖ / ‖∂L_ssl/∂h‖ on the epoch's first batch.")
     online_test_acc: float = Field(ge=0, le=1)
     lr: float
+    images_per_s: float
+
+
+COLUMNS = tuple(EpochLog.model_fields)  # log.csv's columns; plots and dvc.yaml's plot keys name some of them
+
+
+class PretrainMetrics(EpochLog, CellMetrics):
+    """`pretrain`: the last epoch's row, and what decides whether the regularizer could act."""
+
+    epochs: int
+    precision: str
+    mi_weight: float
+    mi_grad_fp32: bool
+    mi_grad_ratio_max: float
 
 
 class LinearEvalMetrics(CellMetrics):
-    pretrained: bool  # False: the untrained encoder, a reference level
+    """`linear-eval`: the paper's protocol (top1, top5) and the extra columns (probe_top1, knn_top1)."""
+
+    pretrained: bool  # False: the untrained encoder, the reference level
     protocol: str
     epochs: int
     top1: float = Field(ge=0, le=1)
     top5: float = Field(ge=0, le=1)
+    probe_top1: float = Field(ge=0, le=1, description="Fast frozen linear probe on features of plain images.")
     knn_top1: float = Field(ge=0, le=1)
     n_train: int
     n_test: int
@@ -80,3 +99,24 @@ def collect(directory: Path, schema: type[CellMetrics], cells: list[tuple]) -> d
     if missing := [c for c in cells if c not in found]:
         raise UserError(f"{directory}: no metrics for {len(missing)} cell(s), e.g. {'-'.join(map(str, missing[0]))}")
     return {c: found[c] for c in cells}
+
+
+def write_log(path: Path, history: list[EpochLog]) -> None:
+    lines = [",".join(COLUMNS)] + [",".join(f"{getattr(row, c):.6g}" for c in COLUMNS) for row in history]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def read_log(path: Path) -> list[EpochLog]:
+    """A run's log.csv, validated: every row complete and finite."""
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            raise ValueError("no epochs")
+        return [EpochLog(**{key: float(value) if key != "epoch" else int(value) for key, value in row.items()})
+                for row in rows]
+    except ValidationError as e:
+        error = e.errors()[0]
+        raise UserError(f"{path}: not a valid training log ({error['loc'][0]}: {error['msg']})") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path}: not a valid training log ({e})") from None

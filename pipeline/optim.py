@@ -32,11 +32,11 @@ class LARS(torch.optim.Optimizer):
         d = p.grad
         if p.ndim != 1 or not group["exclude_bias_n_norm"]:
             p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-            if p_norm != 0 and g_norm != 0:
-                ratio = group["eta"] * p_norm / (g_norm + group["weight_decay"] * p_norm + group["eps"])
-                if group["clip_lr"]:
-                    ratio = torch.clamp(ratio / group["lr"], max=1.0)
-                d = (d + group["weight_decay"] * p) * ratio
+            ratio = group["eta"] * p_norm / (g_norm + group["weight_decay"] * p_norm + group["eps"])
+            if group["clip_lr"]:
+                ratio = torch.clamp(ratio / group["lr"], max=1.0)
+            scaled = (d + group["weight_decay"] * p) * ratio
+            d = torch.where((p_norm != 0) & (g_norm != 0), scaled, d)  # on the device: no host sync per parameter
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = d.detach().clone()

@@ -1,7 +1,8 @@
 """The schema of `params.yaml`: every knob, its range and its meaning.
 
 Values live only in `params.yaml`: no field has a default here, so DVC (which reads the file, not this
-schema) sees every value a stage uses. The whole file is validated whenever any stage starts.
+schema) sees every value a stage uses. The one exception is a variant's knobs: a modification is on when
+its knobs are present (DVC sees that too). The whole file is validated whenever any stage starts.
 """
 
 import difflib
@@ -9,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
@@ -17,6 +18,9 @@ from pipeline.errors import ParamsError
 
 DatasetName = Literal["cifar10", "cifar100", "imagenet100", "synthetic", "folder"]
 MethodName = Literal["simclr", "barlow_twins"]
+Precision = Literal["bf16", "fp32"]
+UNIT_ROUNDOFF: dict[str, float] = {"bf16": 2.0**-8, "fp32": 2.0**-24}  # per Precision: smaller relative addends round away
+UNTRAINED = "untrained"  # the variant name of the encoder before pretraining: the report's reference level
 Probability = Annotated[float, Field(ge=0, le=1)]
 Positive = Annotated[float, Field(gt=0)]
 Md5 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
@@ -24,7 +28,7 @@ Url = Annotated[str, Field(pattern=r"^https?://\S+$")]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ArchiveParams(Strict):
@@ -50,7 +54,7 @@ class FolderParams(ImageTreeParams):
 
 
 class SyntheticParams(Strict):
-    """The embedded dataset: 32x32 shapes and textures drawn from a seed (no network)."""
+    """The embedded dataset: small shapes and textures drawn from a seed (no network)."""
 
     seed: int = Field(ge=0)
     num_classes: int = Field(ge=2, le=20)
@@ -76,7 +80,7 @@ class ExperimentParams(Strict):
 
     datasets: list[DatasetName] = Field(min_length=1)
     methods: list[MethodName] = Field(min_length=1)
-    variants: list[str] = Field(min_length=1, description="Names defined under `variants`.")
+    variants: list[str] = Field(min_length=1, description="Names defined under `pretrain.<dataset>.<method>.variants`.")
     seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
 
     @field_validator("datasets", "methods", "variants", "seeds")
@@ -87,16 +91,9 @@ class ExperimentParams(Strict):
         return names
 
 
-class VariantParams(Strict):
-    """Which of the paper's projector modifications a variant switches on (any combination)."""
-
-    mi_reg: bool = Field(description="Add mi_weight (λ) · I(Z1;Z2) to the loss (PAPER.md 3.3).")
-    discrete: bool = Field(description="Quantize the projector output to `levels` (L) values (3.4).")
-    sae: bool = Field(description="Sparse-autoencoder projector, sae_latent_dim (d), sae_topk (k) (3.5).")
-
-
 class ViewParams(Strict):
     crop_scale: list[Probability] = Field(min_length=2, max_length=2, description="RandomResizedCrop area range.")
+    crop_ratio: list[Positive] = Field(min_length=2, max_length=2, description="RandomResizedCrop aspect range.")
     interpolation: Literal["bicubic", "bilinear"]
     flip_p: Probability
     jitter: list[Annotated[float, Field(ge=0)]] = Field(
@@ -115,40 +112,75 @@ class AugmentationParams(Strict):
     view_b: ViewParams
 
 
-class CellParams(Strict):
-    """One row of PAPER.md section 4's table: pretraining one method on one dataset."""
+class CommonParams(Strict):
+    """What every variant of one method on one dataset shares: one row of PAPER.md section 4's table."""
 
     epochs: int = Field(ge=1, le=10_000)
     warmup_epochs: int = Field(ge=0, description="Linear warmup before the cosine decay.")
     batch_size: int = Field(ge=2, le=65_536, description="Global batch (all GPUs together).")
     base_lr: Positive = Field(description="LARS lr for batch 256; scaled by batch_size / 256.")
     classifier_lr: Positive = Field(description="Online classifier lr for batch 256; scaled likewise.")
+    weight_decay: Annotated[float, Field(ge=0)]
     augmentation: str = Field(description="A name defined under `augmentations`.")
     backbone_width: int = Field(ge=1, le=256, description="ResNet-18 base width: 64 is the paper's.")
-    projector_hidden_dim: int = Field(ge=1)
-    projector_out_dim: int = Field(ge=1)
-    mi_weight: Annotated[float, Field(ge=0)] = Field(description="λ of the MI regularizer (variants with mi_reg).")
-    renyi_alpha: int = Field(ge=2, le=8, description="α of the matrix Rényi entropy.")
-    levels: int = Field(ge=2, le=1000, description="L of the discretized projector (variants with discrete).")
-    sae_latent_dim: int = Field(ge=1, description="d of the sparse autoencoder (variants with sae).")
-    sae_topk: int = Field(ge=1, description="k of the sparse autoencoder: latents kept per sample.")
+    projector_hidden_dim: int = Field(ge=1, le=65_536)
+    projector_out_dim: int = Field(ge=1, le=65_536)
+    renyi_alpha: int = Field(ge=2, le=8, description="α of the matrix Rényi entropy (the regularizer and the "
+                                                     "logged I(Z1;Z2) of every variant).")
 
 
-class SimclrParams(CellParams):
+class SimclrCommon(CommonParams):
     temperature: Positive = Field(description="τ of NT-Xent.")
 
 
-class BarlowTwinsParams(CellParams):
+class BarlowTwinsCommon(CommonParams):
     offdiag_weight: Positive = Field(description="λ_BT, the off-diagonal weight.")
     loss_scale: Positive
 
 
+class VariantParams(Strict):
+    """One variant: the paper's projector modifications it switches on, each on when its knobs are given
+    (PAPER.md section 1; any combination). `{}` is the baseline."""
+
+    mi_weight: Positive | None = Field(None, description="λ: add λ · I(Z1;Z2) to the loss (PAPER.md 3.3).")
+    mi_grad_fp32: bool | None = Field(None, description=(
+        "Under bf16, give λ·I(Z1;Z2) its own backward pass so that its gradient is added to the SSL gradient "
+        "in fp32 (the weights' .grad) instead of being rounded away where the two meet in bf16 tensors; one "
+        "more backward pass per step. false: one backward of the summed loss, as the reference code."))
+    levels: int | None = Field(None, ge=2, le=1000, description="L: quantize the projector output to L values (3.4).")
+    sae_latent_dim: int | None = Field(None, ge=1, le=1_000_000, description="d: sparse-autoencoder projector (3.5).")
+    sae_topk: int | None = Field(None, ge=1, description="k: latents the sparse autoencoder keeps per sample.")
+
+    @model_validator(mode="after")
+    def _knobs_come_together(self) -> "VariantParams":
+        if (self.mi_weight is None) != (self.mi_grad_fp32 is None):
+            raise ValueError("mi_weight and mi_grad_fp32 go together (the MI regularizer's two knobs)")
+        if (self.sae_latent_dim is None) != (self.sae_topk is None):
+            raise ValueError("sae_latent_dim and sae_topk go together (the sparse autoencoder's two knobs)")
+        if self.sae_topk is not None and self.sae_topk > self.sae_latent_dim:
+            raise ValueError(f"sae_topk ({self.sae_topk}) must be at most sae_latent_dim ({self.sae_latent_dim})")
+        return self
+
+
+class SimclrCell(Strict):
+    common: SimclrCommon
+    variants: dict[str, VariantParams] = Field(min_length=1)
+
+
+class BarlowTwinsCell(Strict):
+    common: BarlowTwinsCommon
+    variants: dict[str, VariantParams] = Field(min_length=1)
+
+
 class MethodsParams(Strict):
-    simclr: SimclrParams
-    barlow_twins: BarlowTwinsParams
+    simclr: SimclrCell
+    barlow_twins: BarlowTwinsCell
 
 
 class PretrainParams(Strict):
+    """Per dataset and method: the shared settings (`common`) and each variant's own knobs (`variants`), so
+    that a variant's stages depend on its own knobs only."""
+
     cifar10: MethodsParams
     cifar100: MethodsParams
     imagenet100: MethodsParams
@@ -157,52 +189,77 @@ class PretrainParams(Strict):
 
 
 class OptimizerParams(Strict):
-    """LARS and its schedule (PAPER.md section 4), shared by every cell."""
+    """LARS and the warmup (PAPER.md section 4), for pretraining and the linear evaluations that use them."""
 
-    momentum: Probability
-    weight_decay: Annotated[float, Field(ge=0)]
+    momentum: Probability = Field(description="Momentum of LARS and SGD.")
     eta: Positive = Field(description="LARS trust coefficient.")
     clip_lr: bool
-    exclude_bias_n_norm: bool
-    warmup_start_lr: Annotated[float, Field(ge=0)]
+    exclude_bias_n_norm: bool = Field(description="1-D parameters take plain momentum steps without weight decay.")
+    warmup_start_lr: Annotated[float, Field(ge=0)] = Field(description="Where warmup-cosine schedules start.")
 
 
 class TrainingParams(Strict):
     """How training runs: these change speed, and on GPU rounding, not the method."""
 
-    precision: Literal["bf16", "fp16", "fp32"] = Field(description="Autocast dtype on CUDA (CPU runs fp32).")
-    channels_last: bool = Field(description="NHWC activations on CUDA (faster convolutions).")
+    precision: Precision = Field(description="Autocast dtype on CUDA (CPU runs fp32).")
+    channels_last: bool = Field(description="NHWC activations (faster convolutions).")
     compile: bool = Field(description="torch.compile the model.")
     loader_workers: int = Field(ge=-1, description="FFCV decoding threads (-1: all cores).")
     eval_batch_size: int = Field(ge=1)
 
 
-class LinearEvalParams(Strict):
-    """Linear evaluation of the frozen encoder (PAPER.md 4.1) and the kNN monitor beside it.
+class FitParams(Strict):
+    """Training a classifier: optimizer and schedule (PAPER.md 4.1)."""
 
-    Which protocol produced the paper's tables is unknown: `features` trains the classifier on features
-    of the plain train images computed once (fast); `augmented` (the reference's) passes random
-    resized crops + flips through the frozen encoder every epoch.
-    """
-
-    protocol: Literal["features", "augmented"]
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1, le=10_000)
+    batch_size: int = Field(ge=1, le=65_536)
     optimizer: Literal["sgd", "lars"]
-    lr: Positive
-    momentum: Probability
+    base_lr: Positive = Field(description="lr for batch 256; scaled by batch_size / 256 (as solo-learn).")
     weight_decay: Annotated[float, Field(ge=0)]
-    schedule: Literal["cosine", "step"] = Field(description="warmup-cosine, or ×0.1 at 60% and 80% of the epochs.")
-    warmup_epochs: int = Field(ge=0, description="Linear warmup before the cosine (schedule cosine).")
-    knn_k: int = Field(ge=1, description="k of the weighted kNN classifier.")
-    knn_temperature: Positive = Field(description="T of the kNN vote weights exp(cos / T).")
+    schedule: Literal["warmup_cosine", "step"] = Field(
+        description="warmup-cosine per step, or ×0.1 at each of `lr_decay_epochs`.")
+    warmup_epochs: int = Field(ge=0, description="Linear warmup before the cosine (warmup_cosine).")
+    lr_decay_epochs: list[Annotated[int, Field(ge=1)]] = Field(description="Epochs where the lr drops ×0.1 (step).")
+
+
+class ProtocolParams(FitParams):
+    """The paper's linear evaluation of one method on one dataset (PAPER.md 4.1)."""
+
+    protocol: Literal["finetune", "augmented", "features"] = Field(description=(
+        "finetune: backbone and classifier trained on random crops + flips (the reference's default); "
+        "augmented: frozen backbone (eval mode), classifier on random crops + flips; "
+        "features: classifier on features of the plain train images, computed once."))
+
+
+class EvalMethods(Strict):
+    simclr: ProtocolParams
+    barlow_twins: ProtocolParams
+
+
+class KnnParams(Strict):
+    k: int = Field(ge=1, description="Neighbours that vote.")
+    temperature: Positive = Field(description="T of the vote weights exp(cos / T).")
+
+
+class LinearEvalParams(Strict):
+    """Evaluation of the encoder features h: the paper's protocol per dataset and method, and two extra
+    columns researchers compare across papers: a fast frozen probe (`probe`, on precomputed features of the
+    plain train images) and a weighted kNN (`knn`)."""
+
+    view: ViewParams = Field(description="Train-time augmentation of the finetune and augmented protocols.")
+    knn: KnnParams
+    probe: FitParams
+    cifar10: EvalMethods
+    cifar100: EvalMethods
+    imagenet100: EvalMethods
+    synthetic: EvalMethods
+    folder: EvalMethods
 
 
 class Params(Strict):
     experiment: ExperimentParams
     download: DownloadParams
     datasets: DatasetsParams
-    variants: dict[str, VariantParams]
     augmentations: dict[str, AugmentationParams]
     optimizer: OptimizerParams
     training: TrainingParams
@@ -211,18 +268,40 @@ class Params(Strict):
 
 
 def _cross_check(params: Params) -> list[str]:
-    """Problems that span keys: names that must exist elsewhere, sizes that must fit."""
-    problems = [f"experiment.variants: {name!r} is not defined under variants{_did_you_mean(name, list(params.variants))}"
-                for name in params.experiment.variants if name not in params.variants]
+    """Problems that span keys: names that must exist elsewhere, sizes and epochs that must fit."""
+    problems = []
+    experiment = params.experiment
     for dataset in PretrainParams.model_fields:
         for method in MethodsParams.model_fields:
             cell, key = getattr(getattr(params.pretrain, dataset), method), f"pretrain.{dataset}.{method}"
-            if cell.augmentation not in params.augmentations:
-                problems.append(f"{key}.augmentation: {cell.augmentation!r} is not defined under augmentations"
-                                + _did_you_mean(cell.augmentation, list(params.augmentations)))
-            if cell.sae_topk > cell.sae_latent_dim:
-                problems.append(f"{key}.sae_topk: found {cell.sae_topk}; must be at most sae_latent_dim "
-                                f"({cell.sae_latent_dim})")
+            if cell.common.augmentation not in params.augmentations:
+                problems.append(f"{key}.common.augmentation: {cell.common.augmentation!r} is not defined under "
+                                f"augmentations{_did_you_mean(cell.common.augmentation, list(params.augmentations))}")
+            problems += _warmup_fits(f"{key}.common", cell.common.warmup_epochs, cell.common.epochs)
+            problems += [f"{key}.variants.{name}: the name is reserved for the report's untrained encoder"
+                         for name in cell.variants if name == UNTRAINED]
+            if dataset in experiment.datasets and method in experiment.methods:
+                problems += [f"experiment.variants: {name!r} is not defined under {key}.variants"
+                             f"{_did_you_mean(name, list(cell.variants))}"
+                             for name in experiment.variants if name not in cell.variants]
+            fit = getattr(getattr(params.linear_eval, dataset), method)
+            problems += _fit_fits(f"linear_eval.{dataset}.{method}", fit)
+    return problems + _fit_fits("linear_eval.probe", params.linear_eval.probe)
+
+
+def _warmup_fits(key: str, warmup_epochs: int, epochs: int) -> list[str]:
+    if warmup_epochs > epochs:
+        return [f"{key}.warmup_epochs: found {warmup_epochs}; must be at most epochs ({epochs})"]
+    return []
+
+
+def _fit_fits(key: str, fit: FitParams) -> list[str]:
+    problems = _warmup_fits(key, fit.warmup_epochs, fit.epochs)
+    if fit.lr_decay_epochs != sorted(set(fit.lr_decay_epochs)) or any(e >= fit.epochs for e in fit.lr_decay_epochs):
+        problems.append(f"{key}.lr_decay_epochs: found {fit.lr_decay_epochs}; must be increasing and below epochs "
+                        f"({fit.epochs})")
+    if fit.schedule == "step" and not fit.lr_decay_epochs:
+        problems.append(f"{key}.lr_decay_epochs: empty; the step schedule needs at least one epoch to decay at")
     return problems
 
 

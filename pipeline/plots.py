@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 CURVES = (("mi_z1_z2", "I(Z1;Z2)"), ("lower_bound", "lower bound I(Z1;R) − I(Z1;Z2)"),
           ("upper_bound", "upper bound H(Z1) − I(Z1;Z2)"), ("ssl_loss", "SSL loss"),
-          ("online_test_acc", "online test accuracy"))
+          ("online_test_acc", "online test accuracy"), ("mi_grad_ratio", "‖λ∂I/∂h‖ / ‖∂L/∂h‖"))  # log.csv columns
 
 
 def training_curves(histories: dict[str, list[dict]], title: str, path: Path) -> None:
@@ -18,6 +18,8 @@ def training_curves(histories: dict[str, list[dict]], title: str, path: Path) ->
     for axis, (key, label) in zip(axes, CURVES):
         for variant, rows in histories.items():
             axis.plot([r["epoch"] for r in rows], [r[key] for r in rows], label=variant)
+        if key == "mi_grad_ratio" and any(r[key] > 0 for rows in histories.values() for r in rows):
+            axis.set_yscale("log")
         axis.set_title(label, fontsize=10)
         axis.set_xlabel("epoch")
     axes[0].legend(fontsize=8)

@@ -17,12 +17,14 @@ from ruamel.yaml import YAML
 from scipy.stats import t as student_t
 
 from pipeline.atomic import atomic_dir
-from pipeline.metrics import LinearEvalMetrics, PretrainMetrics, collect
-from pipeline.params import ExperimentParams
+from pipeline.metrics import COLUMNS, LinearEvalMetrics, PretrainMetrics, collect, read_log
+from pipeline.params import UNIT_ROUNDOFF, UNTRAINED, ExperimentParams
 from pipeline.plots import gains_chart, training_curves
 
 Cell = tuple[str, str, str, int]  # dataset, method, variant, seed
-METRICS = {"top1": "linear top-1", "knn_top1": "kNN top-1", "online_test_acc": "online linear top-1"}
+METRICS = {"top1": "Linear evaluation top-1, the paper's protocol", "probe_top1": "Fast frozen linear probe top-1",
+           "knn_top1": "kNN top-1", "online_test_acc": "Online linear top-1 (during pretraining)"}
+LOG = "{dataset}/{method}/{variant}/seed{seed}/log.csv"  # how `runs` is laid out: given by the caller
 
 
 @dataclass(frozen=True)
@@ -69,19 +71,23 @@ def paired_gain(variant: dict[int, float], baseline: dict[int, float]) -> Gain:
     return Gain(mean, mean - half, mean + half, len(seeds))
 
 
-def build_tables(values: dict[str, dict[Cell, float]], reference: dict, variants: list[str]) -> dict:
-    """`values[metric][cell]` in percent -> one row per (metric, dataset, method, variant)."""
+def build_tables(values: dict[str, dict[Cell, float]], reference: dict, variants: list[str],
+                 protocols: dict[tuple[str, str], str]) -> dict:
+    """`values[metric][cell]` in percent, the untrained encoder's cells under the variant UNTRAINED -> one row
+    per (metric, dataset, method, variant), gains over the baseline paired by seed."""
     rows = []
     for metric, by_cell in values.items():
-        settings = sorted({(d, m) for d, m, _, _ in by_cell}, key=lambda s: (s[0], s[1]))
-        for dataset, method in settings:
+        for dataset, method in sorted({(d, m) for d, m, _, _ in by_cell}):
             seeds = {v: {s: x for (d, m, vv, s), x in by_cell.items() if (d, m, vv) == (dataset, method, v)}
-                     for v in variants}
-            for variant in variants:
+                     for v in (UNTRAINED, *variants)}
+            for variant in (UNTRAINED, *variants):
+                if not seeds[variant]:
+                    continue
                 summary = summarize(list(seeds[variant].values()))
                 row = {"metric": metric, "dataset": dataset, "method": method, "variant": variant,
+                       "protocol": protocols[dataset, method] if metric == "top1" else None,
                        "mean": summary.mean, "std": summary.std, "n": summary.n}
-                if variant != "baseline" and seeds.get("baseline"):
+                if variant not in (UNTRAINED, "baseline") and seeds.get("baseline"):
                     gain = paired_gain(seeds[variant], seeds["baseline"])
                     row |= {"gain": gain.mean, "gain_low": gain.low, "gain_high": gain.high,
                             "agreement": gain.agreement() if metric == "top1" else None}
@@ -91,19 +97,48 @@ def build_tables(values: dict[str, dict[Cell, float]], reference: dict, variants
     return {"rows": rows}
 
 
+def regularizer_rows(pretrained: dict[Cell, PretrainMetrics]) -> list[dict]:
+    """Per setting and variant with the MI regularizer: whether its gradient can reach the weights.
+
+    It cannot when λ·‖∂I/∂h‖ / ‖∂L_ssl/∂h‖ stays below the training precision's unit roundoff and the
+    gradients were summed in that precision (no `mi_grad_fp32`): the variant then reruns its baseline."""
+    by_setting: dict[tuple, list[PretrainMetrics]] = {}
+    for (dataset, method, variant, _), m in pretrained.items():
+        if m.mi_weight > 0:
+            by_setting.setdefault((dataset, method, variant), []).append(m)
+    rows = []
+    for (dataset, method, variant), runs in sorted(by_setting.items()):
+        ratio, first = max(m.mi_grad_ratio_max for m in runs), runs[0]
+        resolution = UNIT_ROUNDOFF[first.precision]
+        separate = first.mi_grad_fp32 and first.precision != "fp32"
+        verdict = ("kept: its gradient is added in fp32" if separate else "acts" if ratio >= resolution else
+                   f"ROUNDED AWAY in {first.precision}: this variant reruns its baseline; set mi_grad_fp32: true")
+        rows.append({"dataset": dataset, "method": method, "variant": variant, "mi_weight": first.mi_weight,
+                     "precision": first.precision, "mi_grad_fp32": first.mi_grad_fp32, "ratio_max": ratio,
+                     "resolution": resolution, "verdict": verdict})
+    return rows
+
+
 def markdown(tables: dict, variants: list[str], claim: str) -> str:
-    lines = ["# Results", "", f"The paper's claim: {claim}", ""]
+    lines = ["# Results", "", f"The paper's claim: {claim}", "",
+             "Every table has the untrained encoder (the initial weights of each seed's pretraining, through the "
+             "same evaluation) as the reference level: a variant below it has learned nothing.", ""]
     for metric, title in METRICS.items():
         rows = [r for r in tables["rows"] if r["metric"] == metric]
         if not rows:
             continue
+        columns = [v for v in (UNTRAINED, *variants) if any(r["variant"] == v for r in rows)]
+        protocol = metric == "top1"
         lines += [f"## {title} (%), mean ± std over seeds", "",
-                  "| dataset | method | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+                  "| dataset | method | " + ("protocol | " if protocol else "") + " | ".join(columns) + " |",
+                  "|---|---|" + ("---|" if protocol else "") + "---|" * len(columns)]
         for dataset, method in dict.fromkeys((r["dataset"], r["method"]) for r in rows):
             cells = {r["variant"]: r for r in rows if (r["dataset"], r["method"]) == (dataset, method)}
-            lines.append(f"| {dataset} | {method} | " + " | ".join(_cell_text(cells[v]) for v in variants) + " |")
+            first = f"{cells[columns[-1]]['protocol']} | " if protocol else ""
+            lines.append(f"| {dataset} | {method} | {first}" + " | ".join(_cell_text(cells.get(v)) for v in columns)
+                         + " |")
         lines.append("")
-    lines += ["## Gains in linear top-1 over the baseline (points), 95% interval paired by seed", "",
+    lines += ["## Gains in the paper's linear top-1 over the baseline (points), 95% interval paired by seed", "",
               "| dataset | method | variant | gain | paper's gain | agreement with the paper |", "|---|---|---|---|---|---|"]
     for r in tables["rows"]:
         if r["metric"] == "top1" and "gain" in r:
@@ -111,30 +146,43 @@ def markdown(tables: dict, variants: list[str], claim: str) -> str:
             paper = f"{r['paper_gain']:+.2f}" if r["paper_gain"] is not None else "not available"
             lines.append(f"| {r['dataset']} | {r['method']} | {r['variant']} | {gain.text()} | {paper} | "
                          f"{r['agreement']} |")
+    if tables["regularizer"]:
+        lines += ["", "## Can the MI regularizer act? Its gradient against the SSL gradient at h", "",
+                  "| dataset | method | variant | λ | precision | largest ratio | unit roundoff | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['dataset']} | {r['method']} | {r['variant']} | {r['mi_weight']:g} | {r['precision']} | "
+                  f"{r['ratio_max']:.2e} | {r['resolution']:.1e} | {r['verdict']} |" for r in tables["regularizer"]]
     return "\n".join(lines) + "\n"
 
 
-def _cell_text(row: dict) -> str:
+def _cell_text(row: dict | None) -> str:
+    if row is None:
+        return "—"
     text = Summary(row["mean"], row["std"], row["n"]).text()
     if row.get("paper_top1") is not None:
         text += f"; paper {row['paper_top1']:.2f}"
     return text
 
 
-def write_report(experiment: ExperimentParams, pretrain_metrics: Path, linear_metrics: Path, runs: Path,
-                 reference: Path, out: Path) -> None:
+def write_report(experiment: ExperimentParams, pretrain_metrics: Path, linear_metrics: Path, untrained_metrics: Path,
+                 logs: Path, reference: Path, out: Path) -> None:
     """`out/`: results.md, results.csv, results.json, curves-<dataset>-<method>.png, gains.png.
 
-    Run folders follow dvc.yaml's layout `runs/<dataset>/<method>/<variant>/seed<seed>/log.csv`.
-    """
-    cells = list(itertools.product(experiment.datasets, experiment.methods, experiment.variants, experiment.seeds))
+    `logs / LOG` (formatted with a cell's dataset, method, variant and seed) is each run's log.csv."""
+    settings = list(itertools.product(experiment.datasets, experiment.methods))
+    cells = [(d, m, v, s) for (d, m), v, s in itertools.product(settings, experiment.variants, experiment.seeds)]
+    untrained = [(d, m, UNTRAINED, s) for (d, m), s in itertools.product(settings, experiment.seeds)]
     pretrained = collect(pretrain_metrics, PretrainMetrics, cells)
-    evaluated = collect(linear_metrics, LinearEvalMetrics, cells)
-    values = {"top1": {c: 100 * evaluated[c].top1 for c in cells},
-              "knn_top1": {c: 100 * evaluated[c].knn_top1 for c in cells},
-              "online_test_acc": {c: 100 * pretrained[c].online_test_acc for c in cells}}
+    evaluated = collect(linear_metrics, LinearEvalMetrics, cells) | collect(untrained_metrics, LinearEvalMetrics, untrained)
+    values = {metric: {c: 100 * getattr(m, metric) for c, m in evaluated.items()}
+              for metric in ("top1", "probe_top1", "knn_top1")}
+    values["online_test_acc"] = {c: 100 * m.online_test_acc for c, m in pretrained.items()}
+    protocols = {(d, m): evaluated[d, m, v, s].protocol for d, m, v, s in cells}
     paper = YAML(typ="safe", pure=True).load(reference.read_text())
-    tables = build_tables(values, paper["cells"], experiment.variants)
+    tables = build_tables(values, paper["cells"], experiment.variants, protocols)
+    tables["regularizer"] = regularizer_rows(pretrained)
+    histories = {(d, m, v): _mean_history([logs / LOG.format(dataset=d, method=m, variant=v, seed=s)
+                                           for s in experiment.seeds]) for d, m, v, _ in cells}
     with atomic_dir(out) as staging:
         (staging / "results.json").write_text(json.dumps({"claim": paper["claim"]} | tables, indent=2) + "\n")
         with open(staging / "results.csv", "w", newline="") as f:
@@ -142,30 +190,31 @@ def write_report(experiment: ExperimentParams, pretrain_metrics: Path, linear_me
             writer.writeheader()
             writer.writerows(tables["rows"])
         (staging / "results.md").write_text(markdown(tables, experiment.variants, paper["claim"]))
-        for dataset, method in itertools.product(experiment.datasets, experiment.methods):
-            histories = {v: _mean_history([runs / dataset / method / v / f"seed{s}" / "log.csv" for s in experiment.seeds])
-                         for v in experiment.variants}
-            training_curves(histories, f"{dataset}, {method}", staging / f"curves-{dataset}-{method}.png")
+        for dataset, method in settings:
+            training_curves({v: histories[dataset, method, v] for v in experiment.variants}, f"{dataset}, {method}",
+                            staging / f"curves-{dataset}-{method}.png")
         gains_chart(tables["rows"], staging / "gains.png")
 
 
-CSV_COLUMNS = ["metric", "dataset", "method", "variant", "mean", "std", "n", "gain", "gain_low", "gain_high",
-               "agreement", "paper_top1", "paper_gain"]
+CSV_COLUMNS = ["metric", "dataset", "method", "variant", "protocol", "mean", "std", "n", "gain", "gain_low",
+               "gain_high", "agreement", "paper_top1", "paper_gain"]
 
 
 def _mean_history(paths: list[Path]) -> list[dict]:
     """Per-epoch rows of log.csv files, averaged over the files (seeds)."""
-    runs = [list(csv.DictReader(path.open())) for path in paths]
-    return [{key: float(np.mean([float(run[i][key]) for run in runs])) for key in runs[0][i]}
+    runs = [read_log(path) for path in paths]
+    return [{key: float(np.mean([getattr(run[i], key) for run in runs])) for key in COLUMNS}
             for i in range(min(len(run) for run in runs))]
 
 
-def compare(report: dict, reference: dict, tolerance: float) -> tuple[list[str], float]:
-    """How `report` (a results.json) departs from `reference`: rows missing either way and means more
-    than `tolerance` points apart; and the largest difference of a mean."""
-    def rows(results: dict) -> dict[tuple, float]:
-        return {(r["metric"], r["dataset"], r["method"], r["variant"]): r["mean"] for r in results["rows"]}
-    ours, theirs = rows(report), rows(reference)
+def means(results: dict) -> dict[tuple, float]:
+    """The means of a results.json by (metric, dataset, method, variant)."""
+    return {(r["metric"], r["dataset"], r["method"], r["variant"]): float(r["mean"]) for r in results["rows"]}
+
+
+def compare(ours: dict[tuple, float], theirs: dict[tuple, float], tolerance: float) -> tuple[list[str], float]:
+    """How a report's `means` depart from a reference's: rows missing either way and means more than
+    `tolerance` points apart; and the largest difference of a mean."""
     differences = {key: abs(ours[key] - mean) for key, mean in theirs.items() if key in ours}
     problems = [f"{' '.join(key)}: only in the {where}" for keys, other, where in
                 ((ours, theirs, "report"), (theirs, ours, "reference")) for key in keys if key not in other]

@@ -18,5 +18,14 @@ def init_device() -> torch.device:
     return device
 
 
+def autocast(precision: str, device_type: str) -> torch.autocast:
+    """bf16 autocast (the same code path on CPU and CUDA), or a disabled one for fp32."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.atomic import atomic_file
+from pipeline.metrics import DatasetMetrics, read
 from pipeline.params import load_params
 from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile
 
@@ -31,12 +32,12 @@ def bench(dataset: Dataset,
     (c) the MI regularizer's share of the step time (its forward + backward against a training step)."""
     from pipeline.bench import batches_per_second, our_batches, reference_batches, regularizer_seconds, step_seconds
     from pipeline.datasets import get_dataset
-    from pipeline.pretrain import make_run
+    from pipeline.run import make_run
     from pipeline.runtime import init_device
     params = load_params(params_file)
-    run = make_run(params, dataset, method, "baseline", 0, json.loads(metadata.read_text()))
-    run = dataclasses.replace(run, cell=run.cell.model_copy(update={"backbone_width": width}))
     device = init_device()
+    run = make_run(params, dataset, method, "baseline", 0, read(metadata, DatasetMetrics), device)
+    run = dataclasses.replace(run, common=run.common.model_copy(update={"backbone_width": width}))
     split = get_dataset(dataset).load(raw).train  # the reference forks its workers before FFCV starts threads
     reference = batches_per_second(reference_batches(run, split, batch_size, workers), batches, 3)
     ours = batches_per_second(our_batches(run, data / "train.beton", batch_size, workers, device), batches, 3)

@@ -15,7 +15,7 @@ from pipeline.errors import UserError
 ParamsFile = Annotated[Path, typer.Option("--params", help="The params file (validated whole on every start).")]
 Dataset = Annotated[str, typer.Option(help="Dataset name: a key of `datasets` in params.yaml.")]
 Method = Annotated[str, typer.Option(help="simclr or barlow_twins.")]
-Variant = Annotated[str, typer.Option(help="A name defined under `variants` in params.yaml.")]
+Variant = Annotated[str, typer.Option(help="A name under `pretrain.<dataset>.<method>.variants` in params.yaml.")]
 Seed = Annotated[int, typer.Option(help="The cell's seed (model, shuffling, augmentation, linear classifier).")]
 Data = Annotated[Path, typer.Option(help="Folder with train.beton and test.beton.")]
 Metadata = Annotated[Path, typer.Option(help="The dataset's metadata JSON from `convert`.")]

@@ -1,29 +1,34 @@
-"""The `linear-eval` stage: a frozen pretrained encoder, a linear classifier and kNN on its features."""
+"""The `linear-eval` stage: the paper's evaluation protocol, a fast frozen probe and kNN of one encoder."""
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from pipeline.atomic import atomic_file
-from pipeline.params import load_params
-from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile, Seed, Variant
+from pipeline.metrics import DatasetMetrics, read
+from pipeline.params import UNTRAINED, load_params
+from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile, Seed
 
 
 def linear_eval_command(
-        dataset: Dataset, method: Method, variant: Variant, seed: Seed, data: Data, metadata: Metadata,
+        dataset: Dataset, method: Method, seed: Seed, data: Data, metadata: Metadata,
         metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
-        checkpoint: Annotated[Path | None, typer.Option(help="The pretraining checkpoint; leave out to evaluate "
-                                                            "the untrained encoder (the run's initial weights).")] = None,
+        variant: Annotated[str, typer.Option(help="The pretrained cell's variant (a name under "
+                                                  "pretrain.<dataset>.<method>.variants), or `untrained`.")],
+        checkpoint: Annotated[Path | None, typer.Option(help="The pretraining checkpoint; leave out with "
+                                                             "--variant untrained: the run's initial weights.")] = None,
         params_file: ParamsFile = PARAMS_FILE) -> None:
-    """Linear top-1/top-5 and kNN top-1 of a pretrained (or the untrained) encoder on the test split."""
-    from pipeline.linear_eval import linear_eval
-    from pipeline.pretrain import make_run
+    """Top-1/top-5 of the paper's protocol, frozen-probe and kNN top-1 of a pretrained (or the untrained) encoder."""
+    from pipeline.errors import UserError
+    from pipeline.linear_eval import linear_eval, load_backbone
+    from pipeline.run import make_run
     from pipeline.runtime import init_device
+    if (checkpoint is None) != (variant == UNTRAINED):
+        raise UserError(f"give --checkpoint for a pretrained variant, and leave it out with --variant {UNTRAINED}")
     params = load_params(params_file)
-    run = make_run(params, dataset, method, variant, seed, json.loads(metadata.read_text()))
-    result = linear_eval(run, checkpoint, data, params.linear_eval, init_device())
+    device = init_device()
+    run = make_run(params, dataset, method, variant, seed, read(metadata, DatasetMetrics), device)
+    result = linear_eval(run, load_backbone(run, checkpoint), data, params.linear_eval, params.optimizer, device)
     with atomic_file(metrics) as staging:
-        staging.write_text(json.dumps({"dataset": dataset, "method": method, "variant": variant, "seed": seed}
-                                      | result, indent=2) + "\n")
+        staging.write_text(result.model_dump_json(indent=2) + "\n")

@@ -1,6 +1,5 @@
 """The `pretrain` stage: one cell of the matrix, resumable; under torchrun, data-parallel."""
 
-import json
 import subprocess
 from pathlib import Path
 from typing import Annotated
@@ -8,6 +7,7 @@ from typing import Annotated
 import typer
 
 from pipeline.atomic import atomic_file
+from pipeline.metrics import DatasetMetrics, read
 from pipeline.params import load_params
 from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile, Seed, Variant
 
@@ -18,15 +18,16 @@ def pretrain_command(
         metrics: Annotated[Path, typer.Option(help="Metrics JSON written at the end.")],
         params_file: ParamsFile = PARAMS_FILE) -> None:
     """Pretrain a ResNet-18 with SimCLR or Barlow Twins (+ the variant's projector modifications)."""
-    from pipeline.pretrain import make_run, pretrain
+    from pipeline.pretrain import pretrain
+    from pipeline.run import make_run
     from pipeline.runtime import init_device, is_rank0
     params = load_params(params_file)
-    run = make_run(params, dataset, method, variant, seed, json.loads(metadata.read_text()))
-    result = pretrain(run, data, out, init_device(), _code_version())
+    device = init_device()
+    run = make_run(params, dataset, method, variant, seed, read(metadata, DatasetMetrics), device)
+    result = pretrain(run, params.training, data, out, device, _code_version())
     if is_rank0():
         with atomic_file(metrics) as staging:
-            staging.write_text(json.dumps({"dataset": dataset, "method": method, "variant": variant, "seed": seed}
-                                          | result, indent=2) + "\n")
+            staging.write_text(result.model_dump_json(indent=2) + "\n")
 
 
 def _code_version() -> str:

@@ -2,6 +2,7 @@
 
 import filecmp
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -16,15 +17,18 @@ from pipeline.params import load_params
 from stages.common import PARAMS_FILE, ParamsFile
 
 Folder = Annotated[Path, typer.Option(help="A folder (see dvc.yaml).")]
-SCHEMAS = {"datasets": DatasetMetrics, "pretrain": PretrainMetrics, "linear_eval": LinearEvalMetrics}
+SCHEMAS = {"datasets": DatasetMetrics, "pretrain": PretrainMetrics, "linear_eval": LinearEvalMetrics,
+           "untrained": LinearEvalMetrics}
 
 
-def report(pretrain_metrics: Folder, linear_metrics: Folder, runs: Folder, out: Folder,
+def report(pretrain_metrics: Folder, linear_metrics: Folder, untrained_metrics: Folder, runs: Folder, out: Folder,
            reference: Annotated[Path, typer.Option(help="The paper's values (references/paper.yaml).")],
            params_file: ParamsFile = PARAMS_FILE) -> None:
-    """Tables (mean ± std over seeds, gains with 95% intervals, the paper's values), plots, results.{md,csv,json}."""
+    """Tables (mean ± std over seeds, the untrained encoder beside them, gains with 95% intervals, the paper's
+    values), whether the MI regularizer can act, plots, results.{md,csv,json}."""
     from pipeline.report import write_report
-    write_report(load_params(params_file).experiment, pretrain_metrics, linear_metrics, runs, reference, out)
+    write_report(load_params(params_file).experiment, pretrain_metrics, linear_metrics, untrained_metrics, runs,
+                 reference, out)
 
 
 def audit(metrics: Annotated[Path, typer.Option(help="The metrics folder.")] = Path("metrics"),
@@ -46,8 +50,8 @@ def audit(metrics: Annotated[Path, typer.Option(help="The metrics folder.")] = P
                         + "\n  ".join(stale or [dry.stderr.strip()]))
     with tempfile.TemporaryDirectory() as tmp:
         regenerated = Path(tmp) / "reports"
-        write_report(load_params(params_file).experiment, metrics / "pretrain", metrics / "linear_eval", runs,
-                     reference, regenerated)
+        write_report(load_params(params_file).experiment, metrics / "pretrain", metrics / "linear_eval",
+                     metrics / "untrained", runs, reference, regenerated)
         differ = sorted({p.name for p in regenerated.iterdir()} ^ {p.name for p in reports.iterdir()}
                         | {p.name for p in regenerated.iterdir()
                            if (reports / p.name).exists() and not filecmp.cmp(p, reports / p.name, shallow=False)})
@@ -61,15 +65,21 @@ def compare(report: Annotated[Path, typer.Argument(help="A report folder (result
             tolerance: Annotated[float, typer.Option(help="Largest allowed difference of a mean, points.")] = 5.0) -> None:
     """Check that a report has the reference's rows and means (accuracy %) within the tolerance."""
     from pipeline.report import compare as differences
-    problems, largest = differences(_results(report), _results(reference), tolerance)
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise UserError(f"--tolerance: found {tolerance}; must be a number of points >= 0")
+    problems, largest = differences(_means(report), _means(reference), tolerance)
     if problems:
         raise UserError(f"{report} does not match {reference}:\n  " + "\n  ".join(problems))
     typer.echo(f"compare: OK ({report} matches {reference} within {tolerance:g} points; largest difference "
                f"{largest:.2f})")
 
 
-def _results(folder: Path) -> dict:
+def _means(folder: Path) -> dict:
+    from pipeline.report import means
     path = folder / "results.json"
     if not path.is_file():
         raise UserError(f"{path} not found: {folder} is not a report folder")
-    return json.loads(path.read_text())
+    try:
+        return means(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not a report's results.json ({type(e).__name__}: {e})") from None

@@ -110,12 +110,21 @@ def _merge(into: dict, update: dict) -> None:
             into[key] = value
 
 
-TINY_CELL = {"epochs": 3, "warmup_epochs": 1, "batch_size": 16, "backbone_width": 4, "projector_hidden_dim": 32,
-             "projector_out_dim": 16, "sae_latent_dim": 64, "sae_topk": 4}
+TINY_COMMON = {"epochs": 3, "warmup_epochs": 1, "batch_size": 16, "backbone_width": 4, "projector_hidden_dim": 32,
+               "projector_out_dim": 16}
+TINY_CELL = {"common": TINY_COMMON, "variants": {"sae": {"sae_latent_dim": 64, "sae_topk": 4}}}
+TINY_EVAL = {"epochs": 2, "batch_size": 16, "warmup_epochs": 0}
 
 
-def tiny_params(path: Path, **cell) -> Path:
-    """Params for seconds-long CPU pretraining on an 80-image synthetic dataset."""
-    return write_params(path, datasets={"synthetic": {"train_per_class": 8, "test_per_class": 4}},
-                        training={"loader_workers": 1, "eval_batch_size": 64},
-                        pretrain={"synthetic": {m: TINY_CELL | cell for m in ("simclr", "barlow_twins")}})
+def tiny_sections(**common) -> dict:
+    """Params sections for seconds-long CPU pretraining and evaluation on an 80-image synthetic dataset;
+    `common` overrides `pretrain.synthetic.<method>.common`."""
+    cell = TINY_CELL | {"common": TINY_COMMON | common}
+    return {"datasets": {"synthetic": {"train_per_class": 8, "test_per_class": 4}},
+            "training": {"loader_workers": 1, "eval_batch_size": 64},
+            "pretrain": {"synthetic": {m: cell for m in ("simclr", "barlow_twins")}},
+            "linear_eval": {"probe": {"epochs": 5}, "synthetic": {m: TINY_EVAL for m in ("simclr", "barlow_twins")}}}
+
+
+def tiny_params(path: Path, **common) -> Path:
+    return write_params(path, **tiny_sections(**common))

@@ -9,8 +9,11 @@ from pipeline.augment import (ViewSpec, adjust_hue, augment, augment_numba, augm
                               gaussian_blur, resized_crop)
 
 MEAN, STD = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
-SYMMETRIC = ViewSpec(32, jitter=(0.8, 0.8, 0.8, 0.2), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5)
-SOLARIZING = ViewSpec(32, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.0, solarize_p=0.2, interpolation="bilinear")
+PAPER = {"crop_scale": (0.08, 1.0), "crop_ratio": (3 / 4, 4 / 3), "flip_p": 0.5, "jitter_p": 0.8, "grayscale_p": 0.2,
+         "blur_sigma": (0.1, 2.0)}
+SYMMETRIC = ViewSpec(32, True, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, solarize_p=0.0, interpolation="bicubic", **PAPER)
+SOLARIZING = ViewSpec(32, True, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.0, solarize_p=0.2, interpolation="bilinear",
+                      **PAPER)
 
 
 def images(b=16, size=32, seed=0):

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.losses import barlow_twins, nt_xent
+from pipeline.step import backward
 from tests.helpers import REPO, tiny_params
 
 WORLD = 2
@@ -42,6 +44,14 @@ def _rank(rank: int, store: str, out: str) -> None:
     model = torch.nn.parallel.DistributedDataParallel(TwoViews())
     nt_xent(*model(z_a[local], z_b[local]), 0.3).backward()  # one forward per step, as in pretraining
     results["ddp_weight_grad"] = model.module.linear.weight.grad
+    for separate in (False, True):  # pipeline.step.backward, one pass or the regularizer's own pass first
+        model.zero_grad(set_to_none=True)
+        p_a, p_b = model(z_a[local], z_b[local])
+        losses = SimpleNamespace(ssl=nt_xent(p_a, p_b, 0.3), classification=torch.zeros(()),
+                                 regularizer=0.3 * (p_a**2).mean())  # rank-local, as I(Z1;Z2)
+        run = SimpleNamespace(variant=SimpleNamespace(mi_grad_fp32=separate), reduced_precision=True)
+        backward(losses, run, list(model.parameters()))
+        results[f"separate={separate}"] = model.module.linear.weight.grad.clone()
     torch.save(results, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -76,6 +86,13 @@ def test_ddp_model_gradient_equals_one_process(ranks):
         torch.testing.assert_close(r["ddp_weight_grad"], model.linear.weight.grad)
 
 
+def test_regularizer_with_its_own_backward_is_all_reduced_like_the_summed_loss(ranks):
+    """The regularizer's gradient, stored in .grad before the SSL backward, is averaged over ranks by DDP."""
+    for r in ranks:
+        torch.testing.assert_close(r["separate=True"], r["separate=False"])
+    assert not torch.allclose(ranks[0]["separate=False"], ranks[0]["ddp_weight_grad"])  # the regularizer counts
+
+
 def test_barlow_twins_averages_the_cross_correlation_as_the_reference(ranks):
     """Each rank normalizes its own batch; c is the mean of the ranks' c; gradients flow through the local c."""
     z_a, z_b = global_batch()
@@ -108,5 +125,5 @@ def test_pretrain_stage_runs_under_torchrun(tiny_dataset, tmp_path):
                "--out", str(out), "--metrics", str(out / "metrics.json")]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["world_size"] == WORLD
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["world_size"] == WORLD
     assert len((out / "log.csv").read_text().splitlines()) == 1 + 2

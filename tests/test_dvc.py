@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, TINY_CELL, write_params
+from tests.helpers import REPO, tiny_sections, write_params
 
 pytestmark = pytest.mark.slow
-SMALL = {"experiment": {"datasets": ["synthetic"], "methods": ["simclr", "barlow_twins"], "variants": ["baseline"],
-                        "seeds": [0]},
-         "datasets": {"synthetic": {"train_per_class": 20, "test_per_class": 5}},
-         "training": {"loader_workers": 1},
-         "pretrain": {"synthetic": {"simclr": TINY_CELL, "barlow_twins": TINY_CELL}}}
+SMALL = tiny_sections() | {
+    "experiment": {"datasets": ["synthetic"], "methods": ["simclr", "barlow_twins"], "variants": ["baseline"],
+                   "seeds": [0]},
+    "datasets": {"synthetic": {"train_per_class": 20, "test_per_class": 5}}}
 
 
 def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -73,8 +72,9 @@ def test_killed_pretrain_resumes_under_dvc_and_only_changed_cells_rerun(project)
     assert "up to date" in run(project, "dvc", "status").stdout
 
     write_params(project / "params.yaml", project / "params.yaml",
-                 pretrain={"synthetic": {"barlow_twins": {"base_lr": 0.2}}})
-    assert list(json.loads(run(project, "dvc", "status", "--json").stdout)) == ["pretrain@synthetic-barlow_twins-baseline-0"]
+                 pretrain={"synthetic": {"barlow_twins": {"common": {"base_lr": 0.2}}}})
+    assert set(json.loads(run(project, "dvc", "status", "--json").stdout)) == {
+        "pretrain@synthetic-barlow_twins-baseline-0", "untrained@synthetic-barlow_twins-0"}
 
 
 def test_repro_with_a_params_typo_fails_and_names_it(project):
@@ -87,20 +87,34 @@ def test_repro_with_a_params_typo_fails_and_names_it(project):
 
 def test_whole_dag_then_audit(project):
     write_params(project / "params.yaml", project / "params.yaml",
-                 experiment={"methods": ["simclr"], "variants": ["baseline", "mi_reg"], "seeds": [0, 1]},
-                 linear_eval={"epochs": 5})
+                 experiment={"methods": ["simclr"], "variants": ["baseline", "sae"], "seeds": [0, 1]})
     run(project, "dvc", "repro")
-    assert "| synthetic | simclr | mi_reg |" in (project / "reports" / "results.md").read_text()
+    assert "| synthetic | simclr | sae |" in (project / "reports" / "results.md").read_text()
     assert "audit: OK" in run(project, "python", "-m", "stages", "audit").stdout
 
-    metrics = project / "metrics" / "linear_eval" / "synthetic-simclr-mi_reg-seed1.json"
+    metrics = project / "metrics" / "linear_eval" / "synthetic-simclr-sae-seed1.json"
     original = metrics.read_text()
     metrics.write_text(json.dumps(json.loads(original) | {"top1": 0.9999}))
     result = run(project, "python", "-m", "stages", "audit", check=False)
     assert result.returncode == 1 and "dvc.lock does not match" in result.stderr
-    assert "linear-eval@synthetic-simclr-mi_reg-1" in result.stderr
+    assert "linear-eval@synthetic-simclr-sae-1" in result.stderr
     metrics.write_text(original)
 
-    write_params(project / "params.yaml", project / "params.yaml", variants={"mi_reg": {"mi_reg": False}})
-    status = json.loads(run(project, "dvc", "status", "--json").stdout)
-    assert set(status) == {"pretrain@synthetic-simclr-mi_reg-0", "pretrain@synthetic-simclr-mi_reg-1"}
+    # A variant's knob reruns that variant only: its pretraining, then its evaluation and the report
+    write_params(project / "params.yaml", project / "params.yaml",
+                 pretrain={"synthetic": {"simclr": {"variants": {"sae": {"sae_topk": 5}}}}})
+    assert set(json.loads(run(project, "dvc", "status", "--json").stdout)) == {
+        "pretrain@synthetic-simclr-sae-0", "pretrain@synthetic-simclr-sae-1"}
+    assert would_run(project) == {"pretrain@synthetic-simclr-sae-0", "pretrain@synthetic-simclr-sae-1",
+                                  "linear-eval@synthetic-simclr-sae-0", "linear-eval@synthetic-simclr-sae-1", "report"}
+    # A shared knob reruns every variant, and the untrained reference (the same initial encoder)
+    write_params(project / "params.yaml", project / "params.yaml",
+                 pretrain={"synthetic": {"simclr": {"common": {"projector_out_dim": 8}}}})
+    assert {cell.split("@")[0] for cell in would_run(project)} == {"pretrain", "linear-eval", "untrained", "report"}
+    assert len(would_run(project)) == 2 * 2 + 2 * 2 + 2 + 1
+
+
+def would_run(project: Path) -> set[str]:
+    """The stages `dvc repro` would run, downstream ones included."""
+    dry = run(project, "dvc", "repro", "--dry", "--allow-missing").stdout
+    return {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}

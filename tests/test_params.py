@@ -79,27 +79,71 @@ def test_check_params_accepts_committed_file():
 
 def test_names_must_refer_to_defined_sections(tmp_path):
     path = write_params(tmp_path / "p.yaml", experiment={"variants": ["baseline", "mi_regg"]},
-                        pretrain={"cifar10": {"simclr": {"augmentation": "symetric"}}})
+                        pretrain={"cifar10": {"simclr": {"common": {"augmentation": "symetric"}}}})
     with pytest.raises(ParamsError) as error:
         load_params(path)
-    assert "experiment.variants: 'mi_regg' is not defined under variants (did you mean 'mi_reg'?)" in str(error.value)
-    assert "pretrain.cifar10.simclr.augmentation: 'symetric' is not defined under augmentations (did you mean " \
-           "'symmetric'?)" in str(error.value)
+    assert ("experiment.variants: 'mi_regg' is not defined under pretrain.cifar10.simclr.variants (did you mean "
+            "'mi_reg'?)") in str(error.value)
+    assert "pretrain.cifar10.simclr.common.augmentation: 'symetric' is not defined under augmentations (did you " \
+           "mean 'symmetric'?)" in str(error.value)
 
 
 def test_sae_topk_must_fit_the_latent_dim(tmp_path):
-    path = write_params(tmp_path / "p.yaml", pretrain={"synthetic": {"barlow_twins": {"sae_topk": 5000}}})
-    with pytest.raises(ParamsError, match=r"pretrain.synthetic.barlow_twins.sae_topk: found 5000; must be at most "
-                                          r"sae_latent_dim \(1024\)"):
+    path = write_params(tmp_path / "p.yaml", pretrain={"synthetic": {"barlow_twins": {"variants": {"sae": {"sae_topk": 5000}}}}})
+    with pytest.raises(ParamsError, match=r"pretrain.synthetic.barlow_twins.variants.sae: .*sae_topk \(5000\) must be "
+                                          r"at most sae_latent_dim \(1024\)"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("variant, message", [
+    ({"mi_weight": 1e-3}, "mi_weight and mi_grad_fp32 go together"),
+    ({"sae_topk": 3}, "sae_latent_dim and sae_topk go together"),
+    ({"levels": 1}, r"levels: found 1; Input should be greater than or equal to 2"),
+    ({"mi_weigth": 1e-3}, r"mi_weigth: unknown key"),
+])
+def test_variant_knobs_are_checked(tmp_path, variant, message):
+    path = write_params(tmp_path / "p.yaml", pretrain={"cifar10": {"simclr": {"variants": {"new": variant}}}})
+    with pytest.raises(ParamsError, match=r"pretrain.cifar10.simclr.variants.new.*" + message):
+        load_params(path)
+
+
+def test_epochs_must_fit(tmp_path):
+    path = write_params(tmp_path / "p.yaml", pretrain={"cifar10": {"simclr": {"common": {"warmup_epochs": 300}}}},
+                        linear_eval={"imagenet100": {"simclr": {"lr_decay_epochs": [80, 60]}},
+                                     "cifar10": {"simclr": {"schedule": "step"}}})
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert "pretrain.cifar10.simclr.common.warmup_epochs: found 300; must be at most epochs (200)" in str(error.value)
+    assert "linear_eval.imagenet100.simclr.lr_decay_epochs: found [80, 60]; must be increasing" in str(error.value)
+    assert "linear_eval.cifar10.simclr.lr_decay_epochs: empty; the step schedule needs" in str(error.value)
+
+
+def test_infinite_and_nan_numbers_are_refused(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text((REPO / "params.yaml").read_text().replace("eta: 0.02", "eta: .inf"))
+    with pytest.raises(ParamsError, match=r"optimizer\.eta: found inf; Input should be a finite number"):
+        load_params(path)
+
+
+def test_untrained_is_a_reserved_variant_name(tmp_path):
+    path = write_params(tmp_path / "p.yaml", pretrain={"synthetic": {"simclr": {"variants": {"untrained": {}}}}})
+    with pytest.raises(ParamsError, match=r"pretrain.synthetic.simclr.variants.untrained: the name is reserved"):
         load_params(path)
 
 
 def test_committed_params_hold_the_papers_settings(params):
     """PAPER.md sections 3-4, spot checks."""
     cifar, imagenet = params.pretrain.cifar10, params.pretrain.imagenet100
-    assert (cifar.simclr.epochs, cifar.simclr.base_lr, cifar.simclr.temperature, cifar.simclr.levels) == (200, 0.4, 0.2, 30)
-    assert (cifar.barlow_twins.base_lr, cifar.barlow_twins.classifier_lr, cifar.barlow_twins.levels) == (0.3, 0.15, 3)
-    assert (imagenet.barlow_twins.batch_size, imagenet.simclr.projector_hidden_dim) == (512, 4096)
-    assert (cifar.simclr.mi_weight, imagenet.simclr.mi_weight) == (1e-4, 0.01)
+    simclr, barlow = cifar.simclr.common, cifar.barlow_twins.common
+    assert (simclr.epochs, simclr.base_lr, simclr.temperature, cifar.simclr.variants["discrete"].levels) == (200, 0.4, 0.2, 30)
+    assert (barlow.base_lr, barlow.classifier_lr, cifar.barlow_twins.variants["discrete"].levels) == (0.3, 0.15, 3)
+    assert (imagenet.barlow_twins.common.batch_size, imagenet.simclr.common.projector_hidden_dim) == (512, 4096)
+    assert (cifar.simclr.variants["mi_reg"].mi_weight, imagenet.simclr.variants["mi_reg"].mi_weight) == (1e-4, 0.01)
+    assert cifar.simclr.variants["baseline"] == cifar.simclr.variants["baseline"].__class__()  # {}: nothing on
+    for dataset in ("cifar10", "cifar100", "imagenet100"):  # PAPER.md 3.5: what the reference's yamls run
+        for method in ("simclr", "barlow_twins"):
+            sae = getattr(getattr(params.pretrain, dataset), method).variants["sae"]
+            assert (sae.sae_latent_dim, sae.sae_topk) == (100_000, 1000)
+    assert params.experiment.seeds == [5, 6, 7]
     assert params.augmentations["cifar_asymmetric"].view_b.solarize_p == 0.2
     assert params.augmentations["imagenet_asymmetric"].view_a.blur_p == 1.0

@@ -7,42 +7,50 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.errors import UserError
+from pipeline.metrics import EpochLog, LinearEvalMetrics, PretrainMetrics, write_log
 from pipeline.params import ExperimentParams
 from pipeline.report import paired_gain, write_report
 from stages.cli import app
 from tests.helpers import REPO
 
 EXPERIMENT = ExperimentParams(datasets=["cifar10"], methods=["simclr"], variants=["baseline", "mi_reg"], seeds=[0, 1, 2])
-TOP1 = {"baseline": [0.90, 0.91, 0.92], "mi_reg": [0.92, 0.935, 0.945]}
-KNN = {"baseline": [0.80, 0.80, 0.80], "mi_reg": [0.79, 0.80, 0.78]}
+TOP1 = {"baseline": [0.90, 0.91, 0.92], "mi_reg": [0.92, 0.935, 0.945], "untrained": [0.30, 0.32, 0.34]}
+KNN = {"baseline": [0.80, 0.80, 0.80], "mi_reg": [0.79, 0.80, 0.78], "untrained": [0.2, 0.2, 0.2]}
+EPOCH = {"ssl_loss": 5.0, "mi_z1_z2": 0.1, "mi_z1_r_estimate": 0.5, "entropy_z1": 0.6, "online_train_acc": 0.5,
+         "lower_bound": 0.4, "upper_bound": 0.5, "online_test_acc": 0.5, "lr": 0.0, "images_per_s": 100.0}
 
 
-def write_cells(root):
+def write_cells(root, precision="fp32", ratio=1e-3, mi_grad_fp32=False):
     for variant, seeds in TOP1.items():
         for seed, top1 in enumerate(seeds):
             cell = {"dataset": "cifar10", "method": "simclr", "variant": variant, "seed": seed}
-            name = f"cifar10-simclr-{variant}-seed{seed}.json"
-            (root / "linear_eval").mkdir(exist_ok=True)
-            (root / "linear_eval" / name).write_text(json.dumps(cell | {
-                "pretrained": True, "protocol": "features", "epochs": 100, "top1": top1, "top5": 0.99, "knn_top1": KNN[variant][seed],
-                "n_train": 50000, "n_test": 10000}))
+            folder = "untrained" if variant == "untrained" else "linear_eval"
+            (root / folder).mkdir(exist_ok=True)
+            (root / folder / f"{variant}-{seed}.json").write_text(LinearEvalMetrics(
+                **cell, pretrained=variant != "untrained", protocol="finetune", epochs=100, top1=top1, top5=0.99,
+                probe_top1=top1 - 0.1, knn_top1=KNN[variant][seed], n_train=50000, n_test=10000).model_dump_json())
+            if variant == "untrained":
+                continue
+            mi_weight = 1e-4 if variant == "mi_reg" else 0.0
             (root / "pretrain").mkdir(exist_ok=True)
-            (root / "pretrain" / name).write_text(json.dumps(cell | {
-                "epoch": 2, "epochs": 2, "ssl_loss": 5.0, "mi_z1_z2": 0.1, "mi_z1_r": -5.0, "lower_bound": -5.1,
-                "upper_bound": 0.5, "entropy_z1": 0.6, "online_train_acc": 0.5, "online_test_acc": 0.5, "lr": 0.0}))
+            (root / "pretrain" / f"{variant}-{seed}.json").write_text(PretrainMetrics(
+                **cell, **EPOCH, epoch=2, epochs=2, mi_grad_ratio=ratio if mi_weight else 0.0, precision=precision,
+                mi_weight=mi_weight, mi_grad_fp32=mi_grad_fp32, mi_grad_ratio_max=ratio if mi_weight else 0.0,
+            ).model_dump_json())
             run = root / "runs" / "cifar10" / "simclr" / variant / f"seed{seed}"
             run.mkdir(parents=True)
-            (run / "log.csv").write_text("epoch,ssl_loss,mi_z1_z2,mi_z1_r,lower_bound,upper_bound,entropy_z1,"
-                                         "online_train_acc,online_test_acc,lr,images_per_s\n"
-                                         "1,5.5,0.2,-5.5,-5.7,0.4,0.6,0.3,0.3,0.1,100\n"
-                                         "2,5.0,0.1,-5.0,-5.1,0.5,0.6,0.5,0.5,0.0,100\n")
+            write_log(run / "log.csv", [EpochLog(epoch=e, **EPOCH, mi_grad_ratio=ratio) for e in (1, 2)])
+
+
+def make_report(root, out):
+    write_report(EXPERIMENT, root / "pretrain", root / "linear_eval", root / "untrained", root / "runs",
+                 REPO / "references" / "paper.yaml", out)
 
 
 @pytest.fixture
 def report(tmp_path):
     write_cells(tmp_path)
-    write_report(EXPERIMENT, tmp_path / "pretrain", tmp_path / "linear_eval", tmp_path / "runs",
-                 REPO / "references" / "paper.yaml", tmp_path / "reports")
+    make_report(tmp_path, tmp_path / "reports")
     return tmp_path / "reports"
 
 
@@ -58,20 +66,23 @@ def test_table_numbers_match_hand_computation(report):
     assert mi_reg["agreement"] == "agrees" and mi_reg["paper_gain"] == 0.26 and mi_reg["paper_top1"] is None
     knn = rows["knn_top1", "mi_reg"]  # differences -1, 0, -2: mean -1, interval [-3.48, 1.48]
     assert knn["gain"] == pytest.approx(-1.0) and knn["gain_low"] == pytest.approx(-1 - 4.3026527 / 3**0.5)
+    untrained = rows["top1", "untrained"]
+    assert untrained["mean"] == pytest.approx(32.0) and untrained["std"] == pytest.approx(2.0) and "gain" not in untrained
+    assert rows["probe_top1", "baseline"]["mean"] == pytest.approx(81.0) and baseline["protocol"] == "finetune"
 
 
 def test_markdown_csv_and_plots_are_written(report):
     text = (report / "results.md").read_text()
-    assert "| cifar10 | simclr | 91.00 ± 1.00 (n=3) | 93.33 ± 1.26 (n=3) |" in text
+    assert "| cifar10 | simclr | finetune | 32.00 ± 2.00 (n=3) | 91.00 ± 1.00 (n=3) | 93.33 ± 1.26 (n=3) |" in text
     assert "| cifar10 | simclr | mi_reg | +2.33 [+1.62, +3.05] | +0.26 | agrees |" in text
+    assert "| cifar10 | simclr | mi_reg | 0.0001 | fp32 | 1.00e-03 | 6.0e-08 | acts |" in text
     rows = list(csv.DictReader((report / "results.csv").open()))
-    assert len(rows) == 3 * 2 and rows[0]["metric"] == "top1"
+    assert len(rows) == 3 * 3 + 2 and rows[0]["metric"] == "top1"  # untrained, baseline, mi_reg; online: no untrained
     assert sorted(p.name for p in report.glob("*.png")) == ["curves-cifar10-simclr.png", "gains.png"]
 
 
 def test_report_is_reproducible_byte_for_byte(report, tmp_path):
-    write_report(EXPERIMENT, tmp_path / "pretrain", tmp_path / "linear_eval", tmp_path / "runs",
-                 REPO / "references" / "paper.yaml", tmp_path / "again")
+    make_report(tmp_path, tmp_path / "again")
     for path in report.iterdir():
         assert path.read_bytes() == (tmp_path / "again" / path.name).read_bytes(), path.name
 
@@ -83,10 +94,9 @@ def test_one_seed_gives_no_interval_and_says_so():
 
 def test_missing_cell_is_an_error(tmp_path):
     write_cells(tmp_path)
-    (tmp_path / "linear_eval" / "cifar10-simclr-mi_reg-seed2.json").unlink()
+    (tmp_path / "linear_eval" / "mi_reg-2.json").unlink()
     with pytest.raises(UserError, match="no metrics for 1 cell"):
-        write_report(EXPERIMENT, tmp_path / "pretrain", tmp_path / "linear_eval", tmp_path / "runs",
-                     REPO / "references" / "paper.yaml", tmp_path / "reports")
+        make_report(tmp_path, tmp_path / "reports")
     assert not (tmp_path / "reports").exists()
 
 
@@ -95,7 +105,8 @@ def test_compare_passes_within_tolerance_and_names_what_departs(report, tmp_path
         return CliRunner().invoke(app, ["compare", str(report), str(reference), "--tolerance", str(tolerance)])
 
     results = json.loads((report / "results.json").read_text())
-    results["rows"][0]["mean"] += 1.5  # linear top-1 of the baseline: 91.00 -> 92.50
+    row = next(r for r in results["rows"] if (r["metric"], r["variant"]) == ("top1", "baseline"))
+    row["mean"] += 1.5  # linear top-1 of the baseline: 91.00 -> 92.50
     reference = tmp_path / "reference"
     reference.mkdir()
     (reference / "results.json").write_text(json.dumps(results))
@@ -108,3 +119,42 @@ def test_compare_passes_within_tolerance_and_names_what_departs(report, tmp_path
     result = compare(reference, 2)
     assert result.exit_code == 1 and "online_test_acc cifar10 simclr mi_reg: only in the report" in result.output
     assert "is not a report folder" in compare(tmp_path, 2).output
+    assert "--tolerance: found nan" in compare(report, float("nan")).output
+    (reference / "results.json").write_text(json.dumps(results)[:100])
+    result = compare(reference, 2)
+    assert result.exit_code == 1 and "results.json: not a report's results.json (JSONDecodeError" in result.output
+
+
+@pytest.mark.parametrize("precision, ratio, mi_grad_fp32, verdict", [
+    ("bf16", 1e-6, False, "ROUNDED AWAY in bf16: this variant reruns its baseline; set mi_grad_fp32: true"),
+    ("bf16", 1e-6, True, "kept: its gradient is added in fp32"),
+    ("bf16", 1e-2, False, "acts"),
+])
+def test_report_says_when_the_regularizer_cannot_act(tmp_path, precision, ratio, mi_grad_fp32, verdict):
+    write_cells(tmp_path, precision, ratio, mi_grad_fp32)
+    make_report(tmp_path, tmp_path / "reports")
+    assert f"| {verdict} |" in (tmp_path / "reports" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("log, problem", [
+    ("", "no epochs"),
+    ("epoch,ssl_loss\n1,5.0\n", "mi_z1_z2: Field required"),
+    (None, "No such file"),
+])
+def test_bad_training_logs_are_named(tmp_path, log, problem):
+    write_cells(tmp_path)
+    path = tmp_path / "runs" / "cifar10" / "simclr" / "mi_reg" / "seed1" / "log.csv"
+    if log is None:
+        path.unlink()
+    else:
+        path.write_text(log)
+    with pytest.raises(UserError, match=f"{path}: not a valid training log .*{problem}"):
+        make_report(tmp_path, tmp_path / "reports")
+
+
+def test_nan_in_a_training_log_is_refused(tmp_path):
+    write_cells(tmp_path)
+    path = tmp_path / "runs" / "cifar10" / "simclr" / "baseline" / "seed0" / "log.csv"
+    path.write_text(path.read_text().replace("5,", "nan,", 1))
+    with pytest.raises(UserError, match="not a valid training log .*finite number"):
+        make_report(tmp_path, tmp_path / "reports")

@@ -1,0 +1,24 @@
+"""Reading checkpoints safely: tensors and plain containers only, never arbitrary pickled objects."""
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+
+
+def load_checkpoint(path: Path, remedy: str) -> dict:
+    """The checkpoint at `path`, loaded with `weights_only=True`: a crafted file cannot run code. An
+    unreadable one is an error naming the file and `remedy` (what the user should do about it)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        reason = "an empty file" if path.stat().st_size == 0 else (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: not a readable checkpoint ({reason}); {remedy}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{path}: not a checkpoint of this pipeline (no model weights); {remedy}")
+    return state

@@ -1,0 +1,63 @@
+"""The pretrained model of a run: backbone (Z1), projector (Z2), online classifier, and the method's loss."""
+
+import math
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.backbones import ResNet18, resnet18
+from pipeline.losses import barlow_twins, nt_xent
+from pipeline.projectors import HEADS, Projector
+from pipeline.run import Run
+
+Loss = Callable[[Tensor, Tensor], Tensor]
+LOSSES: dict[str, Callable[[Run], Loss]] = {
+    "simclr": lambda run: partial(nt_xent, temperature=run.common.temperature),
+    "barlow_twins": lambda run: partial(barlow_twins, offdiag_weight=run.common.offdiag_weight,
+                                        scale=run.common.loss_scale),
+}
+
+
+class SSLModel(nn.Module):
+    def __init__(self, backbone: ResNet18, projector: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone, self.projector = backbone, projector
+        self.classifier = nn.Linear(backbone.feature_dim, num_classes)  # online monitor, on detached h
+
+    def forward(self, x_a: Tensor, x_b: Tensor) -> tuple[Tensor, ...]:
+        """Each view through the backbone separately (batch statistics per view, as the reference)."""
+        h_a, h_b = self.backbone(x_a), self.backbone(x_b)  # (N, F) each
+        z_a, z_b = self.projector(h_a), self.projector(h_b)  # (N, D) each
+        return h_a, h_b, z_a, z_b, self.classifier(torch.cat([h_a, h_b]).detach())
+
+
+def build_backbone(run: Run) -> ResNet18:
+    return resnet18(run.stem, run.common.backbone_width)
+
+
+def build_model(run: Run) -> SSLModel:
+    """The run's model, randomly initialized from the current torch seed; the backbone is made first, so
+    it is `initial_backbone(run)`'s whatever the variant."""
+    backbone = build_backbone(run)
+    head = HEADS[run.method](backbone.feature_dim, run.common.projector_hidden_dim, run.common.projector_out_dim,
+                             run.variant.sae)
+    return SSLModel(backbone, Projector(head, run.variant.levels), run.num_classes)
+
+
+def initial_backbone(run: Run) -> ResNet18:
+    """The encoder as pretraining starts it: the untrained reference level."""
+    torch.manual_seed(run.seed)
+    return build_backbone(run)
+
+
+def mi_z1_r_estimate(run: Run, loss: Loss, h_a: Tensor, h_b: Tensor) -> Tensor:
+    """The estimate of I(Z1;R) the paper's bounds use, from the encoder features of the two views (nats).
+
+    SimCLR: the InfoNCE lower bound log(K) − L(h_a, h_b), K = 2·batch − 1 candidates per anchor (the global
+    batch: keys are gathered across GPUs). Barlow Twins has no such bound: −L(h_a, h_b), the reference's proxy.
+    """
+    if run.method == "simclr":
+        return math.log(2 * run.common.batch_size - 1) - loss(h_a, h_b)
+    return -loss(h_a, h_b)
