@@ -4,9 +4,11 @@ import functools
 import logging
 import os
 import queue
+import secrets
+import signal
 import time
 from collections.abc import Callable
-from multiprocessing import Process, Queue, Value
+from multiprocessing import Process, Queue, Value, shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -18,24 +20,44 @@ from ffcv.writer import DatasetWriter
 from pipeline.atomic import atomic_dir
 from pipeline.datasets import get_dataset
 from pipeline.datasets.download import file_digest
-from pipeline.datasets.splits import Labeled, Split
+from pipeline.datasets.image_tree import FileSplit, survey_tree
+from pipeline.datasets.splits import ArraySplit, ChannelMoments, ImageSummary, Labeled, Split
 from pipeline.errors import UserError
 from pipeline.params import Params
 from pipeline.progress import progress
 
 log = logging.getLogger(__name__)
+SHM = Path("/dev/shm")  # where Linux keeps POSIX shared memory
+SHM_PREFIX = "projector_ib_beton_"  # + "<pid>_<random>": the writer's metadata segment
 
 
 def convert_dataset(name: str, params: Params, raw: Path, out: Path) -> dict:
-    """Write `out/train.beton` and `out/test.beton` from the prepared folder `raw`; return the metadata."""
+    """Write `out/train.beton` and `out/test.beton` from the prepared folder `raw`; return the metadata.
+
+    Every image is checked before anything is written (see `summarize_images`)."""
     spec = get_dataset(name)
+    if not raw.is_dir():
+        raise UserError(f"{raw}: no such folder; pass the folder that `prepare --dataset {name}` wrote")
     data, storage = spec.load(raw), spec.storage(params)
+    summary = summarize_images(data, f"datasets.{name}", one_size=spec.stem == "cifar")
+    remove_orphan_segments()
     with atomic_dir(out) as staging:
         for split_name in ("train", "test"):
             split = getattr(data, split_name)
             rate = write_beton(split, staging / f"{split_name}.beton", storage)
             log.info("%s %s: %d images written, %.0f images/s", name, split_name, len(split), rate)
-    return describe(name, data, raw, storage)
+    return describe(name, data, raw, storage, summary)
+
+
+def summarize_images(data: Labeled, key: str, one_size: bool) -> ImageSummary:
+    """Shape, mean and std of the images; image trees are opened file by file and bad files refused.
+
+    `one_size`: the dataset's loader decodes images as stored (the "cifar" stem), so all must have one
+    size; otherwise (the "imagenet" stem: decoder crops) sizes vary and nothing is summarized."""
+    if isinstance(data.train, ArraySplit):  # records: one size by construction
+        return ImageSummary(list(data.train.images.shape[1:]), *channel_stats(data.train.images))
+    assert isinstance(data.train, FileSplit), type(data.train)
+    return survey_tree(data, key, one_size)
 
 
 def write_beton(split: Split, path: Path, storage: dict, workers: int | None = None) -> float:
@@ -57,6 +79,16 @@ class _CheckedWriter(DatasetWriter):
 
     description = "write"
 
+    def prepare(self):
+        """FFCV's, with the metadata segment renamed `SHM_PREFIX<pid>_<random>` (FFCV names it at random),
+        so that `remove_orphan_segments` can recognize one left behind by a killed process."""
+        super().prepare()
+        anonymous = self.metadata_sm
+        self.metadata_sm = shared_memory.SharedMemory(f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}",
+                                                      create=True, size=anonymous.size)
+        anonymous.close()
+        anonymous.unlink()
+
     def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
         self.num_samples = num_samples
         self.prepare()
@@ -77,10 +109,11 @@ class _CheckedWriter(DatasetWriter):
             self._wait(workers, done, errors)
             allocation_list = [a for _ in workers for a in allocations.get()]
             self.finalize(allocation_list)
-        finally:
+        finally:  # also on Ctrl-C: the workers ignore SIGINT and stop here
             for p in workers:
                 p.terminate()
                 p.join()
+            work.cancel_join_thread()  # else exit waits for the unread work to reach dead workers: a hang
             self.metadata_sm.close()
             self.metadata_sm.unlink()
 
@@ -101,7 +134,9 @@ class _CheckedWriter(DatasetWriter):
 
 
 def _report_errors(work_fn: Callable, errors: Queue, *args) -> None:
-    """Run an FFCV worker; on failure put its message where the parent process reads it."""
+    """Run an FFCV worker; on failure put its message where the parent process reads it. Ctrl-C is the
+    parent's to handle: it stops the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         work_fn(*args)
     except Exception as e:  # crosses a process boundary: any failure must reach the parent as text
@@ -109,26 +144,51 @@ def _report_errors(work_fn: Callable, errors: Queue, *args) -> None:
         raise SystemExit(1) from None
 
 
-def describe(name: str, data: Labeled, raw: Path, storage: dict) -> dict:
-    """The metadata JSON of a converted dataset: counts, shape, pixel statistics, source checksums."""
+def remove_orphan_segments() -> None:
+    """Unlink the metadata segments of writers whose process is gone: killed (SIGKILL), it ran no cleanup."""
+    for segment in SHM.glob(f"{SHM_PREFIX}*"):
+        pid = segment.name.removeprefix(SHM_PREFIX).split("_")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            segment.unlink(missing_ok=True)
+            log.info("removed %s, left in shared memory by a killed conversion", segment)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def describe(name: str, data: Labeled, raw: Path, storage: dict, images: ImageSummary) -> dict:
+    """The metadata JSON of a converted dataset: counts, shape, pixel statistics, source checksums.
+
+    `image_shape` is the shape stored (after FFCV's `max_resolution` resize); mean and std are those of
+    the source pixels of the train split."""
     meta = {"dataset": name, "classes": data.classes, "num_classes": len(data.classes), "storage": storage,
             "sources_sha256": {p.name: file_digest(p, "sha256") for p in sorted(raw.iterdir()) if p.is_file()}}
     for split_name, split in (("train", data.train), ("test", data.test)):
         meta[split_name] = {"count": len(split),
                             "per_class": np.bincount(split.labels, minlength=len(data.classes)).tolist()}
-    images = getattr(data.train, "images", None)  # only in-memory datasets have fixed-size images at hand
-    meta["image_shape"] = list(images.shape[1:]) if images is not None else None
-    meta["mean"], meta["std"] = channel_stats(images) if images is not None else (None, None)
+    meta["image_shape"] = _stored_shape(images.shape, storage.get("max_resolution"))
+    meta["mean"], meta["std"] = images.mean, images.std
     return meta
+
+
+def _stored_shape(shape: list[int] | None, max_resolution: int | None) -> list[int] | None:
+    """The shape FFCV stores: the longest side scaled down to `max_resolution` (`ffcv.fields.rgb_image.resizer`)."""
+    if shape is None or max_resolution is None or max(shape[:2]) <= max_resolution:
+        return shape
+    ratio = max_resolution / max(shape[:2])
+    return [int(ratio * shape[0]), int(ratio * shape[1]), 3]
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of (n, H, W, 3) uint8 images scaled to [0, 1], in bounded memory."""
-    total, squares = np.zeros(3), np.zeros(3)
+    moments = ChannelMoments()
     for chunk in np.array_split(images, max(1, len(images) // 4096)):
-        x = chunk.reshape(-1, 3) / 255.0
-        total += x.sum(0)
-        squares += (x * x).sum(0)
-    count = images.size / 3
-    mean = total / count
-    return mean.round(4).tolist(), np.sqrt(squares / count - mean**2).round(4).tolist()
+        moments.add(chunk)
+    return moments.result()

@@ -31,10 +31,14 @@ def bench(dataset: Dataset,
     (c) the MI regularizer's share of the step time (its forward + backward against a training step)."""
     from pipeline.bench import batches_per_second, our_batches, reference_batches, regularizer_seconds, step_seconds
     from pipeline.datasets import get_dataset
+    from pipeline.loaders import check_betons
+    from pipeline.metrics import read_metadata
     from pipeline.pretrain import make_run
     from pipeline.runtime import init_device
     params = load_params(params_file)
-    run = make_run(params, dataset, method, "baseline", 0, json.loads(metadata.read_text()))
+    meta = read_metadata(metadata)
+    check_betons(data, meta.num_classes, metadata)
+    run = make_run(params, dataset, method, "baseline", 0, meta.model_dump())
     run = dataclasses.replace(run, cell=run.cell.model_copy(update={"backbone_width": width}))
     device = init_device()
     split = get_dataset(dataset).load(raw).train  # the reference forks its workers before FFCV starts threads

@@ -22,8 +22,12 @@ Metadata = Annotated[Path, typer.Option(help="The dataset's metadata JSON from `
 PARAMS_FILE = Path("params.yaml")  # DVC's default params file
 
 
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
+
+
 def stage(fn: Callable) -> Callable:
-    """Configure logging, run `fn`, and report a `UserError` as one line and its exit code."""
+    """Configure logging, run `fn`, and report a `UserError` as one line and its exit code (with the
+    app's `--debug`, as a traceback). Ctrl-C exits 130 after `fn`'s cleanup has run."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -36,7 +40,27 @@ def stage(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
+            if _debug():
+                raise
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            if _debug():
+                raise
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(INTERRUPTED) from None
 
     return run
+
+
+_debug_mode = False  # the app's `--debug`, set by `set_debug` at every start
+
+
+def set_debug(on: bool) -> None:
+    global _debug_mode
+    _debug_mode = on
+
+
+def _debug() -> bool:
+    """Whether the app was started with `--debug` (tracebacks for user errors too)."""
+    return _debug_mode

@@ -18,11 +18,15 @@ def linear_eval_command(
                                                             "the untrained encoder (the run's initial weights).")] = None,
         params_file: ParamsFile = PARAMS_FILE) -> None:
     """Linear top-1/top-5 and kNN top-1 of a pretrained (or the untrained) encoder on the test split."""
+    from pipeline.loaders import check_betons
+    from pipeline.metrics import read_metadata
     from pipeline.linear_eval import linear_eval
     from pipeline.pretrain import make_run
     from pipeline.runtime import init_device
     params = load_params(params_file)
-    run = make_run(params, dataset, method, variant, seed, json.loads(metadata.read_text()))
+    meta = read_metadata(metadata)
+    check_betons(data, meta.num_classes, metadata)
+    run = make_run(params, dataset, method, variant, seed, meta.model_dump())
     result = linear_eval(run, checkpoint, data, params.linear_eval, init_device())
     with atomic_file(metrics) as staging:
         staging.write_text(json.dumps({"dataset": dataset, "method": method, "variant": variant, "seed": seed}

@@ -18,10 +18,14 @@ def pretrain_command(
         metrics: Annotated[Path, typer.Option(help="Metrics JSON written at the end.")],
         params_file: ParamsFile = PARAMS_FILE) -> None:
     """Pretrain a ResNet-18 with SimCLR or Barlow Twins (+ the variant's projector modifications)."""
+    from pipeline.loaders import check_betons
+    from pipeline.metrics import read_metadata
     from pipeline.pretrain import make_run, pretrain
     from pipeline.runtime import init_device, is_rank0
     params = load_params(params_file)
-    run = make_run(params, dataset, method, variant, seed, json.loads(metadata.read_text()))
+    meta = read_metadata(metadata)
+    check_betons(data, meta.num_classes, metadata)
+    run = make_run(params, dataset, method, variant, seed, meta.model_dump())
     result = pretrain(run, data, out, init_device(), _code_version())
     if is_rank0():
         with atomic_file(metrics) as staging:

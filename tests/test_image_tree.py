@@ -10,17 +10,7 @@ from pipeline.datasets.image_tree import imagenet100_classes
 from pipeline.errors import UserError
 from pipeline.loaders import eval_loader
 from pipeline.params import load_params
-from tests.helpers import write_params
-
-
-def make_tree(root, classes, per_split=((("train", 2), ("val", 1))), size=(12, 10), fmt="JPEG"):
-    """Solid-colour images whose red channel encodes the class index."""
-    for folder, count in per_split:
-        for label, name in enumerate(classes):
-            (root / folder / name).mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                suffix = ".JPEG" if fmt == "JPEG" else ".png"
-                Image.new("RGB", size, (label * 2, 100, 50 + i)).save(root / folder / name / f"{i}{suffix}", fmt)
+from tests.helpers import make_tree, write_params
 
 
 def tree_params(tmp_path, name, root, **extra):
@@ -49,7 +39,7 @@ def test_imagenet100_lists_missing_classes(tmp_path):
 
 
 @pytest.mark.parametrize("root, message", [(None, "datasets.imagenet100.root is not set"),
-                                           ("/nonexistent", "no train/ or val/ folder there")])
+                                           ("/nonexistent", "no such folder")])
 def test_imagenet100_root_problems(tmp_path, root, message):
     params = load_params(write_params(tmp_path / "p.yaml", datasets={"imagenet100": {"root": root}}))
     with pytest.raises(UserError, match=message):

@@ -39,9 +39,21 @@ def test_unknown_dataset_name_suggests(tmp_path):
 
 def test_every_problem_is_reported_at_once(tmp_path):
     path = write_params(tmp_path / "p.yaml", download={"retries": -1, "timeout": 3})
-    with pytest.raises(ParamsError, match=r"2 problem") as error:
+    with pytest.raises(ParamsError) as error:
         load_params(path)
-    assert "download.retries" in str(error.value) and "download.timeout: unknown key" in str(error.value)
+    first, *listed = str(error.value).splitlines()
+    assert first == f"{path}: download.retries: found -1; Input should be greater than or equal to 0 (and 1 more problem)"
+    assert [line.strip().split(":")[0] for line in listed] == ["download.retries", "download.timeout"]
+
+
+def test_first_line_names_the_first_problem(tmp_path):
+    """Issue 14: a CI log shows one line, so it must carry a key path and its problem, not only a count."""
+    path = write_params(tmp_path / "p.yaml", datasets={"synthetic": {"seeed": 1, "seed": None}},
+                        download={"retries": -1})
+    result = CliRunner().invoke(app, ["check-params", "--params", str(path)])
+    assert result.exit_code == 2
+    assert result.output.splitlines()[0] == (f"error: {path}: download.retries: found -1; Input should be greater "
+                                             "than or equal to 0 (and 2 more problems)")
 
 
 def test_strict_types_refuse_strings_for_numbers(tmp_path):
