@@ -85,8 +85,9 @@ def _tree_root(root: str | None, key: str) -> Path:
 def _test_folder(tree: Path, root: str, key: str) -> str:
     found = [name for name in TEST_FOLDERS if (tree / name).is_dir()]
     if len(found) != 1:
-        problem = "both val/ and test/ folders there; keep one" if found else "no val/ or test/ folder there"
-        raise UserError(f"{key}.root = {root}: {problem} (it holds the test split)")
+        problem = ("both val/ and test/ folders there: keep the one that holds the test split" if found
+                   else "no val/ or test/ folder there (the test split)")
+        raise UserError(f"{key}.root = {root}: {problem}")
     return found[0]
 
 
