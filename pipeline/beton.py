@@ -6,8 +6,10 @@ import os
 import queue
 import secrets
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing import Process, Queue, Value, shared_memory
 from pathlib import Path
 
@@ -71,7 +73,8 @@ def write_beton(split: Split, path: Path, storage: dict, workers: int | None = N
 
 
 class _CheckedWriter(DatasetWriter):
-    """FFCV 1.0.2's writer with our progress display, and an error instead of a hang when a worker fails.
+    """FFCV 1.0.2's writer with our progress display, an error instead of a hang when a worker fails, and
+    cleanup on every exit (error, Ctrl-C): workers stopped, the metadata segment unlinked.
 
     `_write_common` follows `ffcv.writer.DatasetWriter._write_common`; FFCV's version waits forever
     for the samples of a worker that died (e.g. on an unreadable image).
@@ -81,7 +84,8 @@ class _CheckedWriter(DatasetWriter):
 
     def prepare(self):
         """FFCV's, with the metadata segment renamed `SHM_PREFIX<pid>_<random>` (FFCV names it at random),
-        so that `remove_orphan_segments` can recognize one left behind by a killed process."""
+        so that `remove_orphan_segments` can recognize one left behind by a killed process. (A SIGKILL in
+        the instant between FFCV's segment and ours would leave FFCV's: an unlikely, small leak.)"""
         super().prepare()
         anonymous = self.metadata_sm
         self.metadata_sm = shared_memory.SharedMemory(f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}",
@@ -91,36 +95,41 @@ class _CheckedWriter(DatasetWriter):
 
     def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
         self.num_samples = num_samples
-        self.prepare()
-        work, allocations, errors = Queue(), Queue(), Queue()
-        for todo in queue_content:
-            work.put(todo)
-        for _ in range(self.num_workers):
-            work.put(None)
-        done = Value("Q", 0)
-        allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-        args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
-                *extra_worker_args)
-        workers = [Process(target=functools.partial(_report_errors, work_fn, errors), args=args)
-                   for _ in range(self.num_workers)]
-        try:
-            for p in workers:
-                p.start()
-            self._wait(workers, done, errors)
-            allocation_list = [a for _ in workers for a in allocations.get()]
-            self.finalize(allocation_list)
-        finally:  # also on Ctrl-C: the workers ignore SIGINT and stop here
-            for p in workers:
-                p.terminate()
-                p.join()
-            work.cancel_join_thread()  # else exit waits for the unread work to reach dead workers: a hang
-            self.metadata_sm.close()
-            self.metadata_sm.unlink()
+        with _deferred_ctrl_c() as interrupted:
+            self.prepare()
+            work, allocations, errors = Queue(), Queue(), Queue()
+            workers = []
+            try:
+                for todo in queue_content:
+                    work.put(todo)
+                for _ in range(self.num_workers):
+                    work.put(None)
+                done = Value("Q", 0)
+                allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+                args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
+                        *extra_worker_args)
+                workers = [Process(target=functools.partial(_report_errors, work_fn, errors), args=args)
+                           for _ in range(self.num_workers)]
+                for p in workers:
+                    p.start()
+                self._wait(workers, done, errors, interrupted)
+                allocation_list = [a for _ in workers for a in allocations.get()]
+                self.finalize(allocation_list)
+            finally:
+                for p in workers:
+                    if p.pid is not None:  # started
+                        p.terminate()
+                        p.join()
+                work.cancel_join_thread()  # else exit waits for the unread work to reach dead workers: a hang
+                self.metadata_sm.close()
+                self.metadata_sm.unlink()
 
-    def _wait(self, workers: list[Process], done, errors: Queue) -> None:
+    def _wait(self, workers: list[Process], done, errors: Queue, interrupted: Callable[[], bool]) -> None:
         previous = 0
         with progress(self.description, self.num_samples, "images") as advance:
             while previous < self.num_samples:
+                if interrupted():
+                    raise KeyboardInterrupt
                 if failed := [p.exitcode for p in workers if p.exitcode not in (None, 0)]:
                     try:
                         reason = errors.get(timeout=5)
@@ -131,6 +140,24 @@ class _CheckedWriter(DatasetWriter):
                 advance(current - previous)
                 previous = current
                 time.sleep(0.05)
+
+
+@contextmanager
+def _deferred_ctrl_c() -> Iterator[Callable[[], bool]]:
+    """Yield `interrupted()`: while the writer runs, Ctrl-C only sets a flag, which `_wait` turns into
+    KeyboardInterrupt. Raised where the signal lands, the exception is lost when that is inside a fork
+    (Python ignores exceptions in at-fork callbacks): the conversion then went on as if nothing happened."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield lambda: False
+        return
+    pressed: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:  # pressed after the last check: the split is written, but the user asked to stop
+        raise KeyboardInterrupt
 
 
 def _report_errors(work_fn: Callable, errors: Queue, *args) -> None:

@@ -229,7 +229,7 @@ def _cross_check(params: Params) -> list[str]:
 
 
 MAX_PARAMS_BYTES = 1 << 20  # the committed params.yaml is about 10 kB
-MAX_PARAMS_VALUES = 100_000  # values once YAML aliases are expanded; the committed file has about 700
+MAX_PARAMS_VALUES = 100_000  # values once YAML aliases are expanded; the committed file has about 400
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:

@@ -20,9 +20,14 @@ Seed = Annotated[int, typer.Option(help="The cell's seed (model, shuffling, augm
 Data = Annotated[Path, typer.Option(help="Folder with train.beton and test.beton.")]
 Metadata = Annotated[Path, typer.Option(help="The dataset's metadata JSON from `convert`.")]
 PARAMS_FILE = Path("params.yaml")  # DVC's default params file
-
-
 INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
+_debug = False  # the app's `--debug` (see `set_debug`)
+
+
+def set_debug(on: bool) -> None:
+    """Called by the app's callback at every start: with `--debug`, user errors show their traceback."""
+    global _debug
+    _debug = on
 
 
 def stage(fn: Callable) -> Callable:
@@ -40,27 +45,15 @@ def stage(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            if _debug():
+            if _debug:
                 raise
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
-            if _debug():
+            if _debug:
                 raise
             typer.echo("error: interrupted", err=True)
             raise typer.Exit(INTERRUPTED) from None
 
     return run
 
-
-_debug_mode = False  # the app's `--debug`, set by `set_debug` at every start
-
-
-def set_debug(on: bool) -> None:
-    global _debug_mode
-    _debug_mode = on
-
-
-def _debug() -> bool:
-    """Whether the app was started with `--debug` (tracebacks for user errors too)."""
-    return _debug_mode
