@@ -51,7 +51,8 @@ def test_debug_shows_the_traceback_of_an_input_error(tmp_path):
 def test_prepare_needs_downloads_only_for_archives(tmp_path):
     """Issue 14: `prepare` asked for --downloads for datasets that never download."""
     params = str(write_params(tmp_path / "p.yaml", datasets={"synthetic": {"train_per_class": 2, "test_per_class": 1}}))
-    synthetic = runner.invoke(app, ["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "raw"), "--params", params])
+    synthetic = runner.invoke(app, ["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "raw"),
+                                    "--params", params])
     assert synthetic.exit_code == 0, synthetic.output
     cifar = runner.invoke(app, ["prepare", "--dataset", "cifar10", "--out", str(tmp_path / "c"), "--params", params])
     assert cifar.exit_code == 1

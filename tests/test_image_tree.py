@@ -110,8 +110,9 @@ def test_zero_byte_first_image_fails_convert_promptly(tmp_path):
     make_tree(tmp_path / "tree", ["a", "b"], per_split=(("train", 300), ("val", 5)), size=(8, 8), fmt="PNG")
     (tmp_path / "tree" / "train" / "a" / "0.jpg").write_bytes(b"")  # sorts first
     assert folder_cli(tmp_path, "prepare").exit_code == 0
-    convert = stage_process("convert", "--dataset", "folder", "--params", str(tmp_path / "p.yaml"), "--raw",
-                            str(tmp_path / "raw"), "--out", str(tmp_path / "ffcv"), "--metadata", str(tmp_path / "m.json"))
+    convert = stage_process("convert", "--dataset", "folder", "--params", str(tmp_path / "p.yaml"),
+                            "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "ffcv"),
+                            "--metadata", str(tmp_path / "m.json"))
     try:
         output = convert.communicate(timeout=60)[0]
     except subprocess.TimeoutExpired:

@@ -27,7 +27,8 @@ def corrupt(data, meta):
         "zero bytes": (lambda: test.write_bytes(b""), test, "0 bytes is too short for a .beton file"),
         "no test.beton": (test.unlink, test, "no such file"),
         "labels beyond num_classes": (
-            lambda: meta.write_text(json.dumps(json.loads(meta.read_text()) | {"classes": ["a", "b"], "num_classes": 2})),
+            lambda: meta.write_text(json.dumps(json.loads(meta.read_text()) | {"classes": ["a", "b"],
+                                                                               "num_classes": 2})),
             train, f"labels range over 0..9, but {meta} has num_classes 2"),
         "metadata missing": (meta.unlink, meta, "no such file; run convert again"),
         "metadata truncated": (lambda: meta.write_text(meta.read_text()[:100]), meta, "not valid JSON"),
@@ -48,8 +49,9 @@ def dataset_copy(tiny_dataset, tmp_path):
 CELL = ["--dataset", "synthetic", "--method", "simclr", "--variant", "baseline", "--seed", "0"]
 
 
-@pytest.mark.parametrize("case", ["truncated", "random bytes", "zero bytes", "no test.beton", "labels beyond num_classes",
-                                  "metadata missing", "metadata truncated", "metadata without num_classes"])
+@pytest.mark.parametrize("case", ["truncated", "random bytes", "zero bytes", "no test.beton",
+                                  "labels beyond num_classes", "metadata missing", "metadata truncated",
+                                  "metadata without num_classes"])
 @pytest.mark.parametrize("command", ["pretrain", "linear-eval"])
 def test_bad_dataset_files_are_refused_before_training(dataset_copy, tmp_path, case, command):
     data, meta = dataset_copy

@@ -43,7 +43,8 @@ def test_every_problem_is_reported_at_once(tmp_path):
     with pytest.raises(ParamsError) as error:
         load_params(path)
     first, *listed = str(error.value).splitlines()
-    assert first == f"{path}: download.retries: found -1; Input should be greater than or equal to 0 (and 1 more problem)"
+    assert first == (f"{path}: download.retries: found -1; Input should be greater than or equal to 0 "
+                     "(and 1 more problem)")
     assert [line.strip().split(":")[0] for line in listed] == ["download.retries", "download.timeout"]
 
 
@@ -148,6 +149,7 @@ def test_unreadable_params_exit_2_with_one_line(tmp_path, make, message):
 def test_aliases_that_stay_small_are_accepted(tmp_path):
     text = (REPO / "params.yaml").read_text()
     path = tmp_path / "p.yaml"
-    path.write_text(text.replace("seeds: [5]", "seeds: &seeds [5]").replace("augmentations:", "shared: *seeds\naugmentations:", 1))
+    path.write_text(text.replace("seeds: [5]", "seeds: &seeds [5]")
+                    .replace("augmentations:", "shared: *seeds\naugmentations:", 1))
     with pytest.raises(ParamsError, match=r"shared: unknown key"):  # parsed and validated: only the key is wrong
         load_params(path)
