@@ -7,15 +7,66 @@ that run on the device batch come after (see the pretraining code).
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import pipeline._ffcv  # noqa: F401  (first: FFCV's fast import)
 from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder,
                                   SimpleRGBImageDecoder)
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline import PipelineSpec
+from ffcv.reader import Reader
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
+
+from pipeline.errors import UserError
 
 CENTER_CROP_RATIO = 224 / 256  # eval: resize 256, center crop 224 (PAPER.md section 4.1)
+
+
+FIELDS = ["image", "label"]  # what `pipeline.beton.write_beton` writes
+
+
+def check_betons(data: Path, num_classes: int, metadata: Path | str = "the metadata") -> None:
+    """Refuse, before any training, a data folder whose train.beton or test.beton is missing, is not a
+    complete .beton of (image, label), or holds labels outside 0..num_classes-1 (`metadata` says where
+    num_classes comes from). Reads the headers and label columns only."""
+    for split in ("train", "test"):
+        path = data / f"{split}.beton"
+        labels = read_labels(path)
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise UserError(f"{path}: labels range over {labels.min()}..{labels.max()}, but {metadata} has "
+                            f"num_classes {num_classes}: they come from different conversions; run convert again")
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """The label of every sample of the .beton at `path`; a UserError naming it if it is not a whole one."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such file; `convert` writes train.beton and test.beton in one folder")
+    size = path.stat().st_size
+    try:
+        header = np.fromfile(path, dtype=HeaderType, count=1)
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror})") from None
+    if len(header) == 0:
+        raise UserError(f"{path}: {size} bytes is too short for a .beton file; run convert again")
+    version, num_samples, table = (int(header[0][k]) for k in ("version", "num_samples", "alloc_table_ptr"))
+    if version != CURRENT_VERSION:
+        raise UserError(f"{path}: not an FFCV .beton file (format version {version}, expected {CURRENT_VERSION})")
+    if table > size or (size - table) % ALLOC_TABLE_TYPE.itemsize:
+        raise UserError(f"{path}: truncated or corrupt: {size} bytes, but its header places the allocation table "
+                        f"at byte {table}; run convert again")
+    try:
+        reader = Reader(str(path))
+    except (ValueError, IndexError, KeyError, AssertionError) as e:
+        raise UserError(f"{path}: corrupt .beton header ({type(e).__name__}: {e}); run convert again") from None
+    if reader.field_names != FIELDS:
+        raise UserError(f"{path}: holds fields {reader.field_names}, expected {FIELDS}")
+    if num_samples == 0 or len(reader.metadata) != num_samples or len(reader.alloc_table) != num_samples:
+        raise UserError(f"{path}: truncated or corrupt: the header counts {num_samples} samples, the file holds "
+                        f"{len(reader.metadata)} sample records and {len(reader.alloc_table)} images")
+    if (reader.alloc_table["ptr"] + reader.alloc_table["size"]).max() > table:
+        raise UserError(f"{path}: corrupt: an image lies beyond the data region; run convert again")
+    return reader.metadata[f"f{FIELDS.index('label')}"].astype(np.int64)
 
 
 class Batches:

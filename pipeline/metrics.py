@@ -4,7 +4,7 @@ import csv
 import json
 from pathlib import Path
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
 from pipeline.params import DatasetName, MethodName, Strict
@@ -85,12 +85,35 @@ class DatasetMetrics(Strict):
     mean: list[float] | None
     std: list[float] | None
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "DatasetMetrics":
+        if self.num_classes != len(self.classes):
+            raise ValueError(f"num_classes is {self.num_classes} but {len(self.classes)} classes are listed")
+        return self
+
 
 def read(path: Path, schema: type[Strict]) -> Strict:
+    """The JSON file at `path` validated by `schema`; a one-line UserError naming the file otherwise."""
     try:
         return schema.model_validate(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, ValidationError) as e:
-        raise UserError(f"{path}: not a valid {schema.__name__} file: {e}") from None
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}): truncated or corrupt") from None
+    except ValidationError as e:
+        problems = [f"{'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}" for err in e.errors()]
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise UserError(f"{path}: not a valid {schema.__name__} file: {problems[0]}{more}") from None
+
+
+def read_metadata(path: Path) -> DatasetMetrics:
+    """A dataset's metadata JSON, written by `convert` and read by the stages that train on the dataset."""
+    try:
+        return read(path, DatasetMetrics)
+    except UserError as e:
+        raise UserError(f"{e}; run convert again (it writes this file)") from None
 
 
 def collect(directory: Path, schema: type[CellMetrics], cells: list[tuple]) -> dict[tuple, CellMetrics]:

@@ -42,7 +42,7 @@ class ArchiveParams(Strict):
 
 
 class ImageTreeParams(Strict):
-    """Images on the user's disk in class folders: `root/train/<class>/*`, `root/val/<class>/*`."""
+    """Images on the user's disk in class folders: `root/train/<class>/*`, `root/val/<class>/*` (or `test/`)."""
 
     root: str | None = Field(description="The tree's root folder (null: not configured).")
     jpeg_quality: int = Field(ge=1, le=100, description="JPEG quality in the .beton.")
@@ -51,6 +51,8 @@ class ImageTreeParams(Strict):
 
 class FolderParams(ImageTreeParams):
     write_mode: Literal["raw", "jpg"] = Field(description="raw pixels (small images) or JPEG.")
+    train_per_class: int | None = Field(ge=1, description="Train images kept per class, a fixed choice (null: all).")
+    test_per_class: int | None = Field(ge=1, description="Test images kept per class, likewise (null: all).")
 
 
 class SyntheticParams(Strict):
@@ -305,15 +307,20 @@ def _fit_fits(key: str, fit: FitParams) -> list[str]:
     return problems
 
 
+MAX_PARAMS_BYTES = 1 << 20  # the committed params.yaml is about 10 kB
+MAX_PARAMS_VALUES = 100_000  # values once YAML aliases are expanded; the committed file has about 400
+
+
 def load_params(path: Path | str = "params.yaml") -> Params:
     """Read `path` with ruamel (YAML 1.2, as DVC does) and validate the whole file."""
     path = Path(path)
     try:
-        data = YAML(typ="safe", pure=True).load(path.read_text())
-    except FileNotFoundError:
-        raise ParamsError(f"{path}: file not found") from None
+        data = YAML(typ="safe", pure=True).load(_read_text(path))
     except YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: nested too deeply to be a params file") from None
+    _refuse_alias_bombs(path, data)
     try:
         params = Params.model_validate(data)
     except ValidationError as e:
@@ -323,8 +330,60 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     return params
 
 
+def _read_text(path: Path) -> str:
+    """The file's text: UTF-8, at most MAX_PARAMS_BYTES; a ParamsError naming `path` otherwise."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PARAMS_BYTES + 1)
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path}: is a directory; --params takes a YAML file such as params.yaml") from None
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot be read ({e.strerror})") from None
+    if len(raw) > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{path}: larger than {MAX_PARAMS_BYTES} bytes; a params file is a few kB")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from None
+
+
+def _refuse_alias_bombs(path: Path, data: object) -> None:
+    """Refuse YAML whose aliases expand to more than MAX_PARAMS_VALUES values ("billion laughs"), or refer
+    to themselves, before validation walks the expanded tree. Linear in the document: shared nodes
+    (one anchor, many aliases) are sized once."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: object) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise ParamsError(f"{path}: a YAML alias refers to a value that contains it (a cycle)")
+        open_nodes.add(id(node))
+        total = 1 + sum(size(child) for child in (node.values() if isinstance(node, dict) else node))
+        if total > MAX_PARAMS_VALUES:
+            raise ParamsError(f"{path}: its YAML aliases expand to more than {MAX_PARAMS_VALUES} values; "
+                              "write the values out instead of nesting aliases")
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(data)
+
+
 def _fail(path: Path, problems: list[str]):
-    raise ParamsError(f"{path}: {len(problems)} problem(s)\n  " + "\n  ".join(problems)) from None
+    """Raise one ParamsError: the first problem on the first line (what a CI log shows), then all of them."""
+    first = f"{path}: {problems[0]}"
+    if len(problems) == 1:
+        raise ParamsError(first) from None
+    more = len(problems) - 1
+    raise ParamsError(f"{first} (and {more} more problem{'s' if more > 1 else ''})\n  "
+                      + "\n  ".join(problems)) from None
 
 
 def _describe(err: dict) -> str:
@@ -333,7 +392,8 @@ def _describe(err: dict) -> str:
     key = ".".join(str(part) for part in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         known = _fields_at(loc[:-1])
-        return f"{key}: unknown key{_did_you_mean(str(loc[-1]), known)}; allowed: {', '.join(known)}"
+        hint = _did_you_mean(str(loc[-1]), known)
+        return f"{key}: unknown key{hint}" if hint else f"{key}: unknown key; allowed: {', '.join(known)}"
     if err["type"] == "missing":
         return f"{key}: missing"
     hint = ""

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.atomic import atomic_file
-from pipeline.metrics import DatasetMetrics, read
+from pipeline.metrics import read_metadata
 from pipeline.params import load_params
 from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile
 
@@ -32,11 +32,14 @@ def bench(dataset: Dataset,
     (c) the MI regularizer's share of the step time (its forward + backward against a training step)."""
     from pipeline.bench import batches_per_second, our_batches, reference_batches, regularizer_seconds, step_seconds
     from pipeline.datasets import get_dataset
+    from pipeline.loaders import check_betons
     from pipeline.run import make_run
     from pipeline.runtime import init_device
     params = load_params(params_file)
+    meta = read_metadata(metadata)
+    check_betons(data, meta.num_classes, metadata)
     device = init_device()
-    run = make_run(params, dataset, method, "baseline", 0, read(metadata, DatasetMetrics), device)
+    run = make_run(params, dataset, method, "baseline", 0, meta, device)
     run = dataclasses.replace(run, common=run.common.model_copy(update={"backbone_width": width}))
     split = get_dataset(dataset).load(raw).train  # the reference forks its workers before FFCV starts threads
     reference = batches_per_second(reference_batches(run, split, batch_size, workers), batches, 3)

@@ -1,9 +1,11 @@
 """The one command-line app: `python -m stages COMMAND --help`."""
 
+from typing import Annotated
+
 import typer
 
 from pipeline.params import load_params
-from stages.common import PARAMS_FILE, ParamsFile, stage
+from stages.common import PARAMS_FILE, ParamsFile, set_debug, stage
 from stages.bench import bench
 from stages.data import convert, prepare
 from stages.linear_eval import linear_eval_command
@@ -12,6 +14,13 @@ from stages.report import audit, compare, report
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Reproduce 'Projection Head is Secretly an Information Bottleneck'. Stages run from dvc.yaml.")
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show a traceback for input errors too "
+                                                              "(put it before the command).")] = False) -> None:
+    """Options for every command."""
+    set_debug(debug)
 
 
 def check_params(params_file: ParamsFile = PARAMS_FILE) -> None:

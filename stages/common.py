@@ -20,10 +20,19 @@ Seed = Annotated[int, typer.Option(help="The cell's seed (model, shuffling, augm
 Data = Annotated[Path, typer.Option(help="Folder with train.beton and test.beton.")]
 Metadata = Annotated[Path, typer.Option(help="The dataset's metadata JSON from `convert`.")]
 PARAMS_FILE = Path("params.yaml")  # DVC's default params file
+INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIGINT)
+_debug = False  # the app's `--debug` (see `set_debug`)
+
+
+def set_debug(on: bool) -> None:
+    """Called by the app's callback at every start: with `--debug`, user errors show their traceback."""
+    global _debug
+    _debug = on
 
 
 def stage(fn: Callable) -> Callable:
-    """Configure logging, run `fn`, and report a `UserError` as one line and its exit code."""
+    """Configure logging, run `fn`, and report a `UserError` as one line and its exit code (with the
+    app's `--debug`, as a traceback). Ctrl-C exits 130 after `fn`'s cleanup has run."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -36,7 +45,15 @@ def stage(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
+            if _debug:
+                raise
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            if _debug:
+                raise
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(INTERRUPTED) from None
 
     return run
+

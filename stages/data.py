@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from pipeline.atomic import atomic_file
+from pipeline.errors import UserError
 from pipeline.params import load_params
 from stages.common import PARAMS_FILE, Dataset, ParamsFile
 
@@ -16,12 +17,17 @@ log = logging.getLogger(__name__)
 
 def prepare(dataset: Dataset,
             out: Annotated[Path, typer.Option(help="Folder to write the verified raw files to.")],
-            downloads: Annotated[Path, typer.Option(help="Archive cache; partial downloads resume from here.")],
+            downloads: Annotated[Path | None, typer.Option(
+                help="Archive cache (CIFAR only): partial downloads resume from here, and an archive placed "
+                     "here with the right MD5 is used without a download.")] = None,
             params_file: ParamsFile = PARAMS_FILE) -> None:
     """Get a dataset's raw files: download and verify (CIFAR), generate (synthetic) or index (image trees)."""
     from pipeline.datasets import get_dataset
     params = load_params(params_file)
-    get_dataset(dataset).prepare(params, out, downloads)
+    spec = get_dataset(dataset)
+    if spec.downloads and downloads is None:
+        raise UserError(f"--downloads is required for {dataset}: the folder where its archive is cached")
+    spec.prepare(params, out, downloads)
     log.info("prepared %s in %s", dataset, out)
 
 

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from pipeline.atomic import atomic_file
-from pipeline.metrics import DatasetMetrics, read
+from pipeline.metrics import read_metadata
 from pipeline.params import UNTRAINED, load_params
 from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile, Seed
 
@@ -22,13 +22,16 @@ def linear_eval_command(
     """Top-1/top-5 of the paper's protocol, frozen-probe and kNN top-1 of a pretrained (or the untrained) encoder."""
     from pipeline.errors import UserError
     from pipeline.linear_eval import linear_eval, load_backbone
+    from pipeline.loaders import check_betons
     from pipeline.run import make_run
     from pipeline.runtime import init_device
     if (checkpoint is None) != (variant == UNTRAINED):
         raise UserError(f"give --checkpoint for a pretrained variant, and leave it out with --variant {UNTRAINED}")
     params = load_params(params_file)
+    meta = read_metadata(metadata)
+    check_betons(data, meta.num_classes, metadata)
     device = init_device()
-    run = make_run(params, dataset, method, variant, seed, read(metadata, DatasetMetrics), device)
+    run = make_run(params, dataset, method, variant, seed, meta, device)
     result = linear_eval(run, load_backbone(run, checkpoint), data, params.linear_eval, params.optimizer, device)
     with atomic_file(metrics) as staging:
         staging.write_text(result.model_dump_json(indent=2) + "\n")

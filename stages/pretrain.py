@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from pipeline.atomic import atomic_file
-from pipeline.metrics import DatasetMetrics, read
+from pipeline.metrics import read_metadata
 from pipeline.params import load_params
 from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile, Seed, Variant
 
@@ -18,12 +18,15 @@ def pretrain_command(
         metrics: Annotated[Path, typer.Option(help="Metrics JSON written at the end.")],
         params_file: ParamsFile = PARAMS_FILE) -> None:
     """Pretrain a ResNet-18 with SimCLR or Barlow Twins (+ the variant's projector modifications)."""
+    from pipeline.loaders import check_betons
     from pipeline.pretrain import pretrain
     from pipeline.run import make_run
     from pipeline.runtime import init_device, is_rank0
     params = load_params(params_file)
+    meta = read_metadata(metadata)
+    check_betons(data, meta.num_classes, metadata)
     device = init_device()
-    run = make_run(params, dataset, method, variant, seed, read(metadata, DatasetMetrics), device)
+    run = make_run(params, dataset, method, variant, seed, meta, device)
     result = pretrain(run, params.training, data, out, device, _code_version())
     if is_rank0():
         with atomic_file(metrics) as staging:

@@ -1,15 +1,21 @@
-"""Test helpers: a local HTTP server for downloads, generated CIFAR archives, params files, tiny settings.
+"""Test helpers: a local HTTP server for downloads, generated CIFAR archives, image trees, params files, tiny
+settings, running a stage in its own process.
 
 Fixtures built on these live in conftest.py.
 """
 
 import io
 import os
+import struct
+import subprocess
+import sys
 import tarfile
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from ruamel.yaml import YAML
 
 from pipeline.datasets.cifar import PIXEL_BYTES, RecordLayout
@@ -128,3 +134,32 @@ def tiny_sections(**common) -> dict:
 
 def tiny_params(path: Path, **common) -> Path:
     return write_params(path, **tiny_sections(**common))
+
+
+def make_tree(root, classes, per_split=((("train", 2), ("val", 1))), size=(12, 10), fmt="JPEG"):
+    """Solid-colour images whose red channel encodes the class index."""
+    for folder, count in per_split:
+        for label, name in enumerate(classes):
+            (root / folder / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                suffix = ".JPEG" if fmt == "JPEG" else ".png"
+                Image.new("RGB", size, (label * 2, 100, 50 + i)).save(root / folder / name / f"{i}{suffix}", fmt)
+
+
+def write_png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG of (H, W) grayscale or (H, W, 3) RGB uint16 `pixels` (Pillow cannot write 16-bit RGB)."""
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2 if pixels.ndim == 3 else 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def stage_process(*args: str, **kwargs) -> subprocess.Popen:
+    """`python -m stages ARGS` in its own process group (signals reach it and its workers, as Ctrl-C does)."""
+    return subprocess.Popen([sys.executable, "-m", "stages", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)

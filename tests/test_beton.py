@@ -2,17 +2,28 @@
 
 import hashlib
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from typer.testing import CliRunner
 
-from pipeline.beton import channel_stats, convert_dataset, write_beton
+from pipeline.beton import SHM, SHM_PREFIX, channel_stats, convert_dataset, write_beton
 from pipeline.datasets.cifar import CIFAR10, SYNTHETIC, write_records
+from pipeline.datasets.image_tree import imagenet100_classes
 from pipeline.datasets.splits import ArraySplit
 from pipeline.errors import UserError
 from pipeline.loaders import eval_loader, ssl_loader
-from tests.helpers import SHARED_DATA
+from stages.cli import app
+from tests.helpers import REPO, SHARED_DATA, make_tree, stage_process, write_params
 from tests.test_cifar import IMAGES_SHA256, LABELS_SHA256, needs_genuine
 
 
@@ -85,9 +96,15 @@ def testchannel_stats_match_numpy(tmp_path):
 
 
 class Unreadable(ArraySplit):
+    """Image 7 (or, with `first`, image 0) cannot be read."""
+
+    def __init__(self, images, labels, first: bool = False):
+        super().__init__(images, labels)
+        self.bad = 0 if first else 7
+
     def __getitem__(self, i):
-        if i == 7:
-            raise UserError("image 7 is unreadable")
+        if i == self.bad:
+            raise UserError(f"image {i} is unreadable")
         return super().__getitem__(i)
 
 
@@ -103,3 +120,107 @@ def test_fast_ffcv_import_keeps_the_image_modes_table():
 
     assert IMAGE_MODES == {"jpg": 0, "raw": 1}
     assert numba.typed.Dict is not dict  # restored after the import
+
+
+def test_failing_writer_exits_promptly_with_work_left_in_the_queue(tmp_path):
+    """Issue 14: with its first image unreadable, a large `convert` named the image, then never exited: the
+    work queue the parent had filled still waited, at exit, to be handed to the workers it had stopped."""
+    script = (f"import numpy as np; from pathlib import Path; from tests.test_beton import Unreadable\n"
+              f"from pipeline.beton import write_beton; from pipeline.errors import UserError\n"
+              f"try: write_beton(Unreadable(np.zeros((60000, 8, 8, 3), np.uint8), np.zeros(60000), first=True), "
+              f"Path({str(tmp_path / 'a.beton')!r}), {{'write_mode': 'raw'}}, workers=2)\n"
+              f"except UserError as e: print(e)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "image 0 is unreadable" in result.stdout, result.stderr
+
+
+def test_convert_refuses_a_raw_folder_that_does_not_exist(tmp_path):
+    result = CliRunner().invoke(app, ["convert", "--dataset", "synthetic", "--raw", str(tmp_path / "absent"),
+                                      "--out", str(tmp_path / "ffcv"), "--metadata", str(tmp_path / "m.json"),
+                                      "--params", str(REPO / "params.yaml")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"error: {tmp_path / 'absent'}: no such folder" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+needs_shm = pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm (POSIX shared memory as files: Linux)")
+
+
+@pytest.fixture
+def slow_conversion(tmp_path):
+    """An ImageNet-100 tree of 3000x3000 PNGs (about a second each to convert), prepared; yields a function
+    that starts `convert` on it in its own process group. Processes still running at the end are killed."""
+    make_tree(tmp_path / "tree", imagenet100_classes(), per_split=(("train", 1), ("val", 1)))
+    big = tmp_path / "big.png"
+    Image.new("RGB", (3000, 3000)).save(big)
+    for image in (tmp_path / "tree").glob("*/*/*"):
+        shutil.copy(big, image)
+    params = write_params(tmp_path / "p.yaml", datasets={"imagenet100": {"root": str(tmp_path / "tree")}})
+    args = ["--dataset", "imagenet100", "--params", str(params)]
+    assert stage_process("prepare", *args, "--out", str(tmp_path / "raw")).wait(60) == 0
+    started = []
+
+    def start() -> subprocess.Popen:
+        started.append(stage_process("convert", *args, "--raw", str(tmp_path / "raw"), "--out",
+                                     str(tmp_path / "ffcv"), "--metadata", str(tmp_path / "meta.json")))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_until_writing(process: subprocess.Popen) -> Path:
+    """The shared-memory segment of `process`'s .beton writer, once it exists (the workers are writing)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if segments := list(SHM.glob(f"{SHM_PREFIX}{process.pid}_*")):
+            return segments[0]
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.05)
+    raise AssertionError("convert did not start writing within 120 s")
+
+
+def wait_until_gone(process_group: int, timeout_s: float) -> None:
+    """Until no process of the group is left (workers, FFCV's resource tracker)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process_group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes of group {process_group} still run after {timeout_s} s")
+
+
+@needs_shm
+@pytest.mark.parametrize("delay_s", [0, 2])
+def test_ctrl_c_stops_convert_within_seconds_and_leaves_nothing(tmp_path, slow_conversion, delay_s):
+    """Issue 14: Ctrl-C (SIGINT to the process group) during `convert` did not stop it within 60 s. Sent
+    as the workers start (delay 0), it used to be lost: Python drops an exception raised inside a fork."""
+    process = slow_conversion()
+    segment = wait_until_writing(process)
+    time.sleep(delay_s)
+    os.killpg(process.pid, signal.SIGINT)
+    output = process.communicate(timeout=20)[0]
+    assert process.returncode == 130 and "error: interrupted" in output and "Traceback" not in output, output
+    wait_until_gone(process.pid, 10)
+    assert not segment.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.png", "p.yaml", "raw", "tree"]
+
+
+@needs_shm
+def test_convert_after_sigkill_removes_what_the_killed_run_left(tmp_path, slow_conversion):
+    """Issue 14: after SIGKILL, `.ffcv.partial/` and the writer's segment in /dev/shm stayed behind."""
+    killed = slow_conversion()
+    segment = wait_until_writing(killed)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert segment.exists() and (tmp_path / ".ffcv.partial").is_dir()  # what no cleanup code can prevent
+    make_tree(tmp_path / "tree", imagenet100_classes(), per_split=(("train", 1), ("val", 1)))  # small images now
+    rerun = slow_conversion()
+    assert rerun.wait(120) == 0, rerun.communicate()[0]
+    assert not segment.exists() and not (tmp_path / ".ffcv.partial").exists()
+    assert sorted(p.name for p in (tmp_path / "ffcv").iterdir()) == ["test.beton", "train.beton"]

@@ -1,6 +1,7 @@
 import pytest
 from typer.testing import CliRunner
 
+from pipeline.errors import ParamsError
 from stages.cli import app
 from tests.helpers import write_params
 
@@ -37,3 +38,23 @@ def test_prepare_and_convert_from_the_command_line(tmp_path):
                                  "--metadata", str(tmp_path / "m" / "meta.json")])
     assert result.exit_code == 0, result.output
     assert '"count": 30' in (tmp_path / "m" / "meta.json").read_text()
+
+
+def test_debug_shows_the_traceback_of_an_input_error(tmp_path):
+    plain = runner.invoke(app, ["check-params", "--params", str(tmp_path)])
+    debug = runner.invoke(app, ["--debug", "check-params", "--params", str(tmp_path)])
+    assert plain.exit_code == 2 and plain.output == f"error: {tmp_path}: is a directory; --params takes a YAML file " \
+                                                   "such as params.yaml\n"
+    assert isinstance(debug.exception, ParamsError) and debug.exc_info[2] is not None
+
+
+def test_prepare_needs_downloads_only_for_archives(tmp_path):
+    """Issue 14: `prepare` asked for --downloads for datasets that never download."""
+    params = str(write_params(tmp_path / "p.yaml", datasets={"synthetic": {"train_per_class": 2, "test_per_class": 1}}))
+    synthetic = runner.invoke(app, ["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "raw"),
+                                    "--params", params])
+    assert synthetic.exit_code == 0, synthetic.output
+    cifar = runner.invoke(app, ["prepare", "--dataset", "cifar10", "--out", str(tmp_path / "c"), "--params", params])
+    assert cifar.exit_code == 1
+    assert cifar.output == "error: --downloads is required for cifar10: the folder where its archive is cached\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml", "raw"]

@@ -5,12 +5,14 @@ import tarfile
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from pipeline.datasets import get_dataset
 from pipeline.datasets.cifar import CIFAR10, CIFAR100
 from pipeline.datasets.download import download
 from pipeline.errors import UserError
 from pipeline.params import load_params
+from stages.cli import app
 from tests.helpers import cifar_archive, member, write_params
 
 
@@ -128,3 +130,27 @@ def test_http_error_is_reported_without_retrying(server, tmp_path):
     with pytest.raises(UserError, match="HTTP 404"):
         download(server.url("/missing"), tmp_path / "a", "0" * 32, retries=3, timeout_s=5, md5_key="k")
     assert len(server.requests) == 1
+
+
+def test_failed_download_that_received_nothing_says_so(tmp_path):
+    """Issue 14: the error claimed a partial file was kept in downloads/...part when nothing was written."""
+    with pytest.raises(UserError) as error:
+        download("http://127.0.0.1:9/a.tar.gz", tmp_path / "a.tar.gz", "0" * 32, retries=0, timeout_s=5, md5_key="k")
+    assert "nothing was received" in str(error.value) and "kept" not in str(error.value)
+    assert f"to work offline, put the archive (MD5 {'0' * 32}) at {tmp_path / 'a.tar.gz'}" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_archive_placed_in_downloads_works_offline(tmp_path):
+    """README's offline route: the official archive copied to downloads/<dataset>.tar.gz passes the MD5 gate,
+    and nothing is fetched (the URL points at a closed port)."""
+    archive, _ = cifar_archive(CIFAR10, 10, per_file=5)
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "cifar10.tar.gz").write_bytes(archive)
+    params = write_params(tmp_path / "p.yaml", datasets={"cifar10": {"url": "http://127.0.0.1:9/cifar.tar.gz",
+                                                                     "md5": md5(archive), "member_md5": {}}})
+    result = CliRunner().invoke(app, ["prepare", "--dataset", "cifar10", "--out", str(tmp_path / "raw"),
+                                      "--downloads", str(tmp_path / "downloads"), "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    assert "already downloaded, MD5 verified" in result.output
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted((*CIFAR10.train, CIFAR10.test, CIFAR10.names))

@@ -1,3 +1,4 @@
+import time
 from typing import get_args
 
 import pytest
@@ -39,9 +40,22 @@ def test_unknown_dataset_name_suggests(tmp_path):
 
 def test_every_problem_is_reported_at_once(tmp_path):
     path = write_params(tmp_path / "p.yaml", download={"retries": -1, "timeout": 3})
-    with pytest.raises(ParamsError, match=r"2 problem") as error:
+    with pytest.raises(ParamsError) as error:
         load_params(path)
-    assert "download.retries" in str(error.value) and "download.timeout: unknown key" in str(error.value)
+    first, *listed = str(error.value).splitlines()
+    assert first == (f"{path}: download.retries: found -1; Input should be greater than or equal to 0 "
+                     "(and 1 more problem)")
+    assert [line.strip().split(":")[0] for line in listed] == ["download.retries", "download.timeout"]
+
+
+def test_first_line_names_the_first_problem(tmp_path):
+    """Issue 14: a CI log shows one line, so it must carry a key path and its problem, not only a count."""
+    path = write_params(tmp_path / "p.yaml", datasets={"synthetic": {"seeed": 1, "seed": None}},
+                        download={"retries": -1})
+    result = CliRunner().invoke(app, ["check-params", "--params", str(path)])
+    assert result.exit_code == 2
+    assert result.output.splitlines()[0] == (f"error: {path}: download.retries: found -1; Input should be greater "
+                                             "than or equal to 0 (and 2 more problems)")
 
 
 def test_strict_types_refuse_strings_for_numbers(tmp_path):
@@ -147,3 +161,39 @@ def test_committed_params_hold_the_papers_settings(params):
     assert params.experiment.seeds == [5, 6, 7]
     assert params.augmentations["cifar_asymmetric"].view_b.solarize_p == 0.2
     assert params.augmentations["imagenet_asymmetric"].view_a.blur_p == 1.0
+
+
+def billion_laughs(levels: int = 9) -> str:
+    """YAML whose aliases nest: 9 levels of 9 expand to 9**9 (387 million) values from a few hundred bytes."""
+    lines = ["laughs:", "  - &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_text(billion_laughs() + (REPO / "params.yaml").read_text().replace("seeds: [5]", "seeds: *l8")),
+     "its YAML aliases expand to more than 100000 values"),
+    (lambda p: p.write_text("a: &x [1, *x]\n"), "a YAML alias refers to a value that contains it"),
+    (lambda p: p.mkdir(), "is a directory; --params takes a YAML file such as params.yaml"),
+    (lambda p: p.write_bytes(b"experiment:\n  seeds: [\xff\xfe]\n"), "not UTF-8 text (byte 0xff at offset 22)"),
+    (lambda p: p.write_text("experiment: [unclosed\n"), "not valid YAML: "),
+    (lambda p: p.write_text("[" * 5000 + "]" * 5000), "nested too deeply"),
+])
+def test_unreadable_params_exit_2_with_one_line(tmp_path, make, message):
+    """Issue 14: a billion-laughs file ran for minutes; a directory or non-UTF-8 bytes gave a traceback."""
+    path = tmp_path / "p.yaml"
+    make(path)
+    start = time.monotonic()
+    result = CliRunner().invoke(app, ["check-params", "--params", str(path)])
+    assert time.monotonic() - start < 10
+    assert result.exit_code == 2 and result.output.startswith(f"error: {path}: {message}"), result.output
+    assert len(result.output.splitlines()) == 1
+
+
+def test_aliases_that_stay_small_are_accepted(tmp_path):
+    text = (REPO / "params.yaml").read_text()
+    path = tmp_path / "p.yaml"
+    path.write_text(text.replace("seeds: [5, 6, 7]", "seeds: &seeds [5, 6, 7]")
+                    .replace("augmentations:", "shared: *seeds\naugmentations:", 1))
+    with pytest.raises(ParamsError, match=r"shared: unknown key"):  # parsed and validated: only the key is wrong
+        load_params(path)

@@ -25,9 +25,10 @@ class DatasetSpec:
     crop_size: int  # training resolution, pixels (PAPER.md section 4)
     stem: str  # ResNet stem: "cifar" for 32-px data; "imagenet": variable-size images cropped by the decoder
     stats: Stats | None  # normalization (PAPER.md section 4); None: measured on the train split
-    prepare: Callable[[Params, Path, Path], None]  # (params, raw folder to write, downloads folder)
+    prepare: Callable[[Params, Path, Path | None], None]  # (params, raw folder to write, downloads folder)
     load: Callable[[Path], Labeled]  # raw folder -> classes and splits
     storage: Callable[[Params], dict]  # ffcv RGBImageField arguments
+    downloads: bool = False  # `prepare` caches an archive in the downloads folder
 
 
 def _jpeg(name: str, params: Params) -> dict:
@@ -38,9 +39,9 @@ def _jpeg(name: str, params: Params) -> dict:
 
 DATASETS: dict[str, DatasetSpec] = {
     "cifar10": DatasetSpec(32, "cifar", CIFAR10_STATS, partial(prepare_archive, CIFAR10, "cifar10"),
-                           partial(load_records, layout=CIFAR10), lambda params: RAW),
+                           partial(load_records, layout=CIFAR10), lambda params: RAW, downloads=True),
     "cifar100": DatasetSpec(32, "cifar", CIFAR100_STATS, partial(prepare_archive, CIFAR100, "cifar100"),
-                            partial(load_records, layout=CIFAR100), lambda params: RAW),
+                            partial(load_records, layout=CIFAR100), lambda params: RAW, downloads=True),
     "imagenet100": DatasetSpec(224, "imagenet", IMAGENET_STATS, lambda params, out, _: prepare_tree("imagenet100", params, out),
                                load_tree, partial(_jpeg, "imagenet100")),
     "synthetic": DatasetSpec(32, "cifar", None, lambda params, out, _: prepare_synthetic(params, out),

@@ -65,6 +65,8 @@ def write_records(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
 
 
 def load_records(raw: Path, layout: RecordLayout) -> Labeled:
+    if missing := [name for name in (layout.names, *layout.train, layout.test) if not (raw / name).is_file()]:
+        raise UserError(f"{raw}: {', '.join(missing)} not found; is it the folder `prepare` wrote?")
     classes = [line.strip() for line in (raw / layout.names).read_text().splitlines() if line.strip()]
     train = [read_records(raw / name, layout) for name in layout.train]
     test = read_records(raw / layout.test, layout)

@@ -26,11 +26,14 @@ def download(url: str, dest: Path, md5: str, *, retries: int, timeout_s: float, 
     next run) asks the server for the rest with an HTTP Range request. `dest` appears only once the
     whole file has arrived and matches `md5` (named in messages as the params key `md5_key`).
     """
-    if dest.exists() and file_digest(dest) == md5:
-        log.info("%s: already downloaded, MD5 verified", dest)
-        return dest
+    if dest.exists():
+        if (found := file_digest(dest)) == md5:
+            log.info("%s: already downloaded, MD5 verified", dest)
+            return dest
+        log.warning("%s has MD5 %s, not %s (%s): downloading it again", dest, found, md5, md5_key)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    offline = f"to work offline, put the archive (MD5 {md5}) at {dest}"
     for attempt in range(retries + 1):
         try:
             _fetch(url, part, timeout_s)
@@ -39,14 +42,13 @@ def download(url: str, dest: Path, md5: str, *, retries: int, timeout_s: float, 
             if e.code == 416:  # the partial file is not a prefix of what the server has: start over
                 part.unlink(missing_ok=True)
             elif e.code < 500:
-                raise UserError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
+                raise UserError(f"download of {url} failed: HTTP {e.code} {e.reason}; {offline}") from None
             error = e
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             error = e
         if attempt == retries:
             raise UserError(f"download of {url} failed after {retries + 1} attempt(s): {error}; "
-                            f"the {part.stat().st_size if part.exists() else 0} bytes received are kept "
-                            f"in {part} and the next run resumes from there")
+                            f"{_kept(part)}; {offline}")
         log.warning("download of %s interrupted (%s); retrying (%d/%d)", url, error, attempt + 1, retries)
         time.sleep(min(2.0**attempt, 30.0))
     found = file_digest(part)
@@ -56,6 +58,14 @@ def download(url: str, dest: Path, md5: str, *, retries: int, timeout_s: float, 
                         "corrupt, truncated or a different version. It was deleted; check the URL and checksum")
     part.rename(dest)
     return dest
+
+
+def _kept(part: Path) -> str:
+    """What a failed download leaves: the bytes received (resumed next time), or nothing."""
+    if part.exists() and part.stat().st_size:
+        return f"the {part.stat().st_size} bytes received are kept in {part} and the next run resumes from there"
+    part.unlink(missing_ok=True)
+    return "nothing was received"
 
 
 def _fetch(url: str, part: Path, timeout_s: float) -> None:

@@ -1,26 +1,33 @@
 """Datasets that are folders of image files on the user's disk: ImageNet-100 and any ImageFolder tree.
 
-The tree is `root/train/<class>/<image>` and `root/val/<class>/<image>` (val is the test split).
-Preparing one writes a manifest (root, classes, files per split); images are read at conversion.
-DVC tracks the manifest, so adding or removing files re-runs conversion; editing an image in place
-does not (then run `dvc repro --force prepare@<name>`).
+The tree is `root/train/<class>/<image>` and, for the test split, `root/val/<class>/<image>` or
+`root/test/<class>/<image>` (exactly one of the two). Preparing one writes a manifest (root, classes,
+files per split); images are read at conversion. DVC tracks the manifest, so adding or removing files
+re-runs conversion; editing an image in place does not (then run `dvc repro --force prepare@<name>`).
 """
 
+import hashlib
 import json
+import logging
+from collections import defaultdict
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from pipeline.atomic import atomic_dir
-from pipeline.datasets.splits import Labeled
+from pipeline.datasets.image_files import is_16_bit, open_image, read_rgb, to_rgb8
+from pipeline.datasets.splits import ChannelMoments, ImageSummary, Labeled
 from pipeline.errors import UserError
 from pipeline.params import Params
+from pipeline.progress import progress
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 MANIFEST = "manifest.json"
-SPLIT_FOLDERS = {"train": "train", "test": "val"}
+TEST_FOLDERS = ("val", "test")  # the test split's folder: either name
+LISTED = 10  # problems listed in a message beyond the first
 
 
 def imagenet100_classes() -> list[str]:
@@ -29,35 +36,72 @@ def imagenet100_classes() -> list[str]:
     return sorted(text.split())
 
 
-def scan_tree(root: str | None, classes: list[str] | None, key: str) -> dict:
+def scan_tree(root: str | None, classes: list[str] | None, key: str,
+              per_class: dict[str, int | None] | None = None) -> dict:
     """The manifest of the tree at `root` (`key` names its params section in messages).
 
-    `classes=None` takes every folder under `root/train`.
+    `classes=None` takes every folder under `root/train`; a class folder found only in the test split
+    is an error. `per_class[split]` (None: all) caps the images kept per class (see `subsample`).
     """
-    if root is None:
-        raise UserError(f"{key}.root is not set: point it at a folder holding train/ and val/ class folders")
-    tree = Path(root).expanduser().resolve()
-    absent = [folder for folder in SPLIT_FOLDERS.values() if not (tree / folder).is_dir()]
-    if absent:
-        raise UserError(f"{key}.root = {root}: no {' or '.join(f'{f}/' for f in absent)} folder there")
+    tree = _tree_root(root, key)
+    folders = {"train": "train", "test": _test_folder(tree, root, key)}
     if classes is None:
-        classes = sorted(d.name for d in (tree / "train").iterdir() if d.is_dir())
+        classes = _class_folders(tree, folders["test"], root, key)
     files, missing = {}, []
-    for split, folder in SPLIT_FOLDERS.items():
+    for split, folder in folders.items():
         files[split] = []
         for label, name in enumerate(classes):
             images = sorted(p for p in (tree / folder / name).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             if not images:
                 missing.append(f"{folder}/{name}")
-            files[split] += [[str(p.relative_to(tree)), label] for p in images]
+            kept = subsample(images, (per_class or {}).get(split))
+            files[split] += [[str(p.relative_to(tree)), label] for p in kept]
     if missing:
         raise UserError(f"{key}.root = {root}: {len(missing)} class folder(s) missing or without images: "
                         + " ".join(missing))
     return {"root": str(tree), "classes": classes, "files": files}
 
 
+def subsample(images: list[Path], cap: int | None) -> list[Path]:
+    """At most `cap` of `images` (sorted), a fixed pseudo-random choice: the files whose names have the
+    smallest SHA-256. The choice depends only on the names, not on the machine or the listing order."""
+    if cap is None or len(images) <= cap:
+        return images
+    return sorted(sorted(images, key=lambda p: hashlib.sha256(p.name.encode()).digest())[:cap])
+
+
+def _tree_root(root: str | None, key: str) -> Path:
+    if root is None:
+        raise UserError(f"{key}.root is not set: point it at a folder holding train/ and val/ (or test/) "
+                        "class folders")
+    tree = Path(root).expanduser().resolve()
+    if not tree.is_dir():
+        raise UserError(f"{key}.root = {root}: no such folder")
+    if not (tree / "train").is_dir():
+        raise UserError(f"{key}.root = {root}: no train/ folder there")
+    return tree
+
+
+def _test_folder(tree: Path, root: str, key: str) -> str:
+    found = [name for name in TEST_FOLDERS if (tree / name).is_dir()]
+    if len(found) != 1:
+        problem = ("both val/ and test/ folders there: keep the one that holds the test split" if found
+                   else "no val/ or test/ folder there (the test split)")
+        raise UserError(f"{key}.root = {root}: {problem}")
+    return found[0]
+
+
+def _class_folders(tree: Path, test: str, root: str, key: str) -> list[str]:
+    """The class folders under train/; refuses class folders that exist only under the test folder."""
+    train = sorted(d.name for d in (tree / "train").iterdir() if d.is_dir())
+    if only_test := sorted(d.name for d in (tree / test).iterdir() if d.is_dir() and d.name not in train):
+        raise UserError(f"{key}.root = {root}: {len(only_test)} class folder(s) under {test}/ but not under "
+                        f"train/: {' '.join(only_test)}; add their training images or remove them")
+    return train
+
+
 class FileSplit:
-    """Images read from disk on demand, converted to RGB."""
+    """Images read from disk on demand, as (H, W, 3) uint8 RGB."""
 
     def __init__(self, root: Path, entries: list[list]):
         self.root = root
@@ -68,23 +112,79 @@ class FileSplit:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        path = self.root / self.paths[i]
-        try:
-            with Image.open(path) as image:
-                return np.asarray(image.convert("RGB")), int(self.labels[i])
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"{path}: not a readable image ({e})") from None
+        return read_rgb(self.path(i)), int(self.labels[i])
+
+    def path(self, i: int) -> Path:
+        return self.root / self.paths[i]
+
+
+def survey_tree(data: Labeled, key: str, one_size: bool) -> ImageSummary:
+    """Open every image of both splits before anything is written: refuse unreadable ones, and say
+    which are 16-bit. With `one_size` (the loader decodes images as stored, so a batch needs one size)
+    refuse images whose size differs from the others', and decode the train split for its mean and std."""
+    sizes: dict[tuple[int, int], list[Path]] = defaultdict(list)
+    unreadable, deep, moments = [], [], ChannelMoments()
+    with progress("check images", len(data.train) + len(data.test), "images") as advance:
+        for split in (data.train, data.test):
+            for i in range(len(split)):
+                path = split.path(i)
+                try:
+                    with open_image(path) as image:
+                        sizes[image.size].append(path)
+                        if is_16_bit(image):
+                            deep.append(path)
+                        if one_size and split is data.train and image.size == next(iter(sizes)):
+                            moments.add(to_rgb8(image, path))
+                except UserError as e:
+                    unreadable.append(str(e))
+                advance(1)
+    if unreadable:
+        raise UserError(_listed(unreadable, "unreadable images"))
+    if deep:
+        log.warning("%d 16-bit image(s), e.g. %s: stored with 8 bits per channel (the high byte of each value)",
+                    len(deep), deep[0])
+    if not one_size:
+        return ImageSummary(None, None, None)
+    _refuse_mixed_sizes(sizes, key)
+    (width, height), = sizes
+    return ImageSummary([height, width, 3], *moments.result())
+
+
+def _refuse_mixed_sizes(sizes: dict[tuple[int, int], list[Path]], key: str) -> None:
+    if len(sizes) < 2:
+        return
+    common = max(sizes, key=lambda size: len(sizes[size]))
+    odd = [f"{path}: {w}x{h} pixels" for (w, h), paths in sizes.items() if (w, h) != common for path in paths]
+    odd[0] += (f", but {len(sizes[common])} other images are {common[0]}x{common[1]} and {key} images must all "
+               "have one size (the loader decodes them as stored): resize it")
+    raise UserError(_listed(odd, "images of other sizes"))
+
+
+def _listed(problems: list[str], what: str) -> str:
+    """The first problem on the first line, then up to LISTED more, one a line."""
+    if len(problems) == 1:
+        return problems[0]
+    rest = "\n  ".join(problems[1:LISTED + 1]) + ("\n  ..." if len(problems) > LISTED + 1 else "")
+    return f"{problems[0]} (and {len(problems) - 1} more {what})\n  {rest}"
 
 
 def prepare_tree(name: str, params: Params, out: Path) -> None:
+    tree = getattr(params.datasets, name)
     classes = imagenet100_classes() if name == "imagenet100" else None
-    manifest = scan_tree(getattr(params.datasets, name).root, classes, f"datasets.{name}")
+    per_class = {"train": getattr(tree, "train_per_class", None), "test": getattr(tree, "test_per_class", None)}
+    manifest = scan_tree(tree.root, classes, f"datasets.{name}", per_class)
     with atomic_dir(out) as staging:
         (staging / MANIFEST).write_text(json.dumps(manifest))
 
 
 def load_tree(raw: Path) -> Labeled:
-    manifest = json.loads((raw / MANIFEST).read_text())
-    root = Path(manifest["root"])
-    return Labeled(manifest["classes"], FileSplit(root, manifest["files"]["train"]),
-                   FileSplit(root, manifest["files"]["test"]))
+    path = raw / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        root, classes, files = Path(manifest["root"]), manifest["classes"], manifest["files"]
+        return Labeled(classes, FileSplit(root, files["train"]), FileSplit(root, files["test"]))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; is {raw} the folder `prepare` wrote?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not a manifest written by `prepare` ({type(e).__name__}: {e}); "
+                        "run prepare again") from None
