@@ -62,7 +62,7 @@ def test_ssl_loader_yields_two_views_of_the_same_images(tmp_path):
     n = 600
     images = np.broadcast_to((np.arange(n) % 250).astype(np.uint8)[:, None, None, None], (n, 32, 32, 3)).copy()
     write_beton(ArraySplit(images, np.arange(n) % 10), tmp_path / "a.beton", {"write_mode": "raw"}, workers=1)
-    batches = ssl_loader(tmp_path / "a.beton", 128, seed=0, workers=2)
+    batches = ssl_loader(tmp_path / "a.beton", 128, seed=0, crop_scales=[(0.08, 1.0)] * 2, workers=2)
     assert len(batches) == n // 128  # drop_last: every batch is full
     seen = []
     for x_a, x_b, y in batches:
