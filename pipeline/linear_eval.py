@@ -10,6 +10,7 @@ evaluated on plain images (ImageNet: resize 256, center crop 224). Beside it, al
 (`features` with `linear_eval.probe`'s settings) and a weighted kNN on the frozen features.
 """
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,14 +27,20 @@ from pipeline.knn import knn_scores, topk_accuracy
 from pipeline.loaders import eval_loader, ssl_loader
 from pipeline.metrics import LinearEvalMetrics
 from pipeline.model import build_backbone, initial_backbone
-from pipeline.optim import LARS, warmup_cosine
+from pipeline.optim import LARS, SGD, warmup_cosine
 from pipeline.params import UNTRAINED, FitParams, LinearEvalParams, OptimizerParams, ProtocolParams
 from pipeline.progress import progress
 from pipeline.run import Run
-from pipeline.runtime import autocast
+from pipeline.runtime import autocast, seconds_since_start
 
 log = logging.getLogger(__name__)
 Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch -> (inputs, labels) batches
+
+
+@functools.cache
+def _log_start() -> None:
+    """Once per process: how long start-up took (`bench` reads this line)."""
+    log.info("first evaluated batch %.1f s after the process started", seconds_since_start())
 
 
 def load_backbone(run: Run, checkpoint: Path | None) -> ResNet18:
@@ -119,6 +126,7 @@ def extract_features(backbone: nn.Module, batches, mean: Tensor, std: Tensor, pr
         with autocast(precision, x.device.type):
             features.append(backbone(x).float().cpu())
         labels.append(y.cpu())
+        _log_start()
     return torch.cat(features), torch.cat(labels)
 
 
@@ -158,11 +166,10 @@ def _fit(model: nn.Module, batches: Batches, steps_per_epoch: int, fit: FitParam
     parameters = [p for p in model.parameters() if p.requires_grad]
     lr = fit.base_lr * fit.batch_size / 256
     if fit.optimizer == "lars":
-        opt: torch.optim.Optimizer = LARS(parameters, lr=lr, momentum=optimizer.momentum,
-                                          weight_decay=fit.weight_decay, eta=optimizer.eta, clip_lr=optimizer.clip_lr,
-                                          exclude_bias_n_norm=optimizer.exclude_bias_n_norm)
+        opt: SGD = LARS(parameters, lr=lr, momentum=optimizer.momentum, weight_decay=fit.weight_decay,
+                        eta=optimizer.eta, clip_lr=optimizer.clip_lr, exclude_bias_n_norm=optimizer.exclude_bias_n_norm)
     else:
-        opt = torch.optim.SGD(parameters, lr=lr, momentum=optimizer.momentum, weight_decay=fit.weight_decay)
+        opt = SGD(parameters, lr=lr, momentum=optimizer.momentum, weight_decay=fit.weight_decay)
     total = fit.epochs * steps_per_epoch
     device_type = next(model.parameters()).device.type
     with progress(description, total, "steps") as advance:

@@ -25,7 +25,7 @@ from pipeline.optim import LARS, warmup_cosine
 from pipeline.params import TrainingParams
 from pipeline.progress import progress
 from pipeline.run import Run
-from pipeline.runtime import autocast, is_rank0, world_size
+from pipeline.runtime import autocast, is_rank0, seconds_since_start, world_size
 from pipeline.step import LOGGED, backward, forward, gradient_ratio
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def pretrain(run: Run, training: TrainingParams, data: Path, out: Path, device: 
                        crop_size=run.decoder_crop, device=device)
     for epoch in range(start_epoch, run.common.epochs):
         loader.set_epoch(epoch)
-        row = _train_epoch(trained, model, loader, optimizer, run, epoch, memory_format, device)
+        row = _train_epoch(trained, model, loader, optimizer, run, epoch, start_epoch, memory_format, device)
         row = row.model_copy(update={"online_test_acc": evaluate(model, test, run, device)})
         history.append(row)
         log.info("epoch %d/%d: %s", epoch + 1, run.common.epochs,
@@ -94,7 +94,7 @@ def _distributed(model: SSLModel, device: torch.device) -> nn.Module:
 
 
 def _train_epoch(trained: nn.Module, model: SSLModel, loader: Batches, optimizer: LARS, run: Run, epoch: int,
-                 memory_format: torch.memory_format, device: torch.device) -> EpochLog:
+                 start_epoch: int, memory_format: torch.memory_format, device: torch.device) -> EpochLog:
     steps = len(loader)
     total_steps, warmup_steps = run.common.epochs * steps, run.common.warmup_epochs * steps
     views, stats = run.views(), run.stats(device)
@@ -113,6 +113,8 @@ def _train_epoch(trained: nn.Module, model: SSLModel, loader: Batches, optimizer
             out = forward(trained, run, x_a, x_b, y)
             if step == 0:
                 ratio = gradient_ratio(out, run)
+                if epoch == start_epoch:
+                    log.info("first training step %.1f s after the process started", seconds_since_start())
             optimizer.zero_grad(set_to_none=True)
             backward(out, run, parameters)
             optimizer.step()

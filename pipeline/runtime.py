@@ -1,9 +1,13 @@
 """Where a run executes: the device, and the process group when started by torchrun."""
 
 import os
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+_LOADED = time.monotonic()
 
 
 def init_device() -> torch.device:
@@ -16,6 +20,15 @@ def init_device() -> torch.device:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.cuda.set_device(device)
     return device
+
+
+def seconds_since_start() -> float:
+    """Wall seconds since this process started (Linux: from /proc; elsewhere: since this module loaded)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return float(Path("/proc/uptime").read_text().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return time.monotonic() - _LOADED
 
 
 def autocast(precision: str, device_type: str) -> torch.autocast:
