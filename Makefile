@@ -1,8 +1,9 @@
-# make setup: install everything (scripts/setup) | make test: the test suite | make demo: the pipeline on synthetic data
+# make setup: install everything (scripts/setup) | make test: the test suite
+# make demo: the pipeline on synthetic data, SimCLR (demo/) | make demo-full: SimCLR and Barlow Twins
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test demo
+.PHONY: setup test demo demo-full
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock scripts/setup
@@ -14,3 +15,6 @@ test: setup
 
 demo: setup
 	scripts/demo
+
+demo-full: setup
+	METHODS='simclr barlow_twins' scripts/demo

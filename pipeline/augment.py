@@ -1,4 +1,4 @@
-"""The SSL view augmentations of PAPER.md section 4, batched, with per-sample random parameters.
+"""The SSL view augmentations of docs/method.md section 4, batched, with per-sample random parameters.
 
 Every random parameter is drawn per sample (torchvision's transforms on a batched tensor share one
 draw, which is wrong here) from a `torch.Generator`, so a run is reproducible from its seed. The ops
@@ -25,7 +25,7 @@ from pipeline.params import ViewParams
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """One view's augmentation: probabilities and ranges as in PAPER.md section 4."""
+    """One view's augmentation: probabilities and ranges as in docs/method.md section 4."""
 
     size: int  # output side, pixels
     crop: bool  # random resized crop here; False when the FFCV decoder already cropped

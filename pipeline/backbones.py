@@ -1,4 +1,4 @@
-"""ResNet-18 (PAPER.md 3.7) with a width knob for CPU smoke runs.
+"""ResNet-18 (docs/method.md 3.7) with a width knob for CPU smoke runs.
 
 At `width=64` it is torchvision's `resnet18` without `fc`: same modules, names and initialization,
 so torchvision's state dicts load into it. The CIFAR stem is a 3×3 conv, stride 1, **padding 2**

@@ -1,4 +1,4 @@
-"""Evaluation of the encoder features h (PAPER.md 4.1): the paper's protocol, a fast frozen probe, a kNN.
+"""Evaluation of the encoder features h (docs/method.md 4.1): the paper's protocol, a fast frozen probe, a kNN.
 
 The paper's protocol (params `linear_eval.<dataset>.<method>.protocol`), as the reference's scripts run it:
 - `finetune`: backbone and linear classifier trained together (BatchNorm in train mode) on random resized

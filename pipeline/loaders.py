@@ -21,7 +21,7 @@ from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
 
 from pipeline.errors import UserError
 
-CENTER_CROP_RATIO = 224 / 256  # eval: resize 256, center crop 224 (PAPER.md section 4.1)
+CENTER_CROP_RATIO = 224 / 256  # eval: resize 256, center crop 224 (docs/method.md section 4.1)
 # FFCV compiles each loader's decoding pipeline with numba: about 2-3 s per loader on the 2-core machine.
 # Decoding in Python instead costs about 30 µs an image and view, so splits smaller than this start and
 # finish sooner without compiling (a 1,200-image epoch: 0.07 s against 3 s). Speed only: the bytes are the same.

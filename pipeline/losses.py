@@ -1,4 +1,4 @@
-"""The self-supervised losses (PAPER.md sections 3.1 and 3.2), as pure functions of the two views.
+"""The self-supervised losses (docs/method.md sections 3.1 and 3.2), as pure functions of the two views.
 
 Under `torch.distributed` both follow the reference code: SimCLR gathers the keys of every rank with
 an autograd-aware all_gather (queries stay local), Barlow Twins averages the cross-correlation

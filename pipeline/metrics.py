@@ -22,7 +22,7 @@ class CellMetrics(Strict):
 
 
 class EpochLog(Strict):
-    """One row of a run's log.csv: per-epoch averages of the PAPER.md 3.3 quantities, and training facts."""
+    """One row of a run's log.csv: per-epoch averages of the docs/method.md 3.3 quantities, and training facts."""
 
     epoch: int = Field(ge=1)
     ssl_loss: float

@@ -1,4 +1,4 @@
-"""Matrix-based Rényi entropy and mutual information (PAPER.md section 3.3), the paper's regularizer.
+"""Matrix-based Rényi entropy and mutual information (docs/method.md section 3.3), the paper's regularizer.
 
 For n samples with L2-normalized rows, the Gram matrix K (n × n) has a unit diagonal, and
 H_α(K) = 1/(1−α) · log tr((K/n)^α), with the *matrix* power. The mutual information of two

@@ -1,4 +1,4 @@
-"""SGD with momentum, LARS, and the warmup-cosine schedule of PAPER.md section 4 (solo-learn's semantics).
+"""SGD with momentum, LARS, and the warmup-cosine schedule of docs/method.md section 4 (solo-learn's semantics).
 
 Plain classes with torch.optim's interface as this project uses it (param_groups, zero_grad, step,
 state_dict, load_state_dict), not subclasses of torch.optim.Optimizer: its methods import torch._dynamo,

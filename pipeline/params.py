@@ -108,14 +108,14 @@ class ViewParams(Strict):
 
 
 class AugmentationParams(Strict):
-    """The two views' augmentations (symmetric when both are equal), PAPER.md section 4."""
+    """The two views' augmentations (symmetric when both are equal), docs/method.md section 4."""
 
     view_a: ViewParams
     view_b: ViewParams
 
 
 class CommonParams(Strict):
-    """What every variant of one method on one dataset shares: one row of PAPER.md section 4's table."""
+    """What every variant of one method on one dataset shares: one row of docs/method.md section 4's table."""
 
     epochs: int = Field(ge=1, le=10_000)
     warmup_epochs: int = Field(ge=0, description="Linear warmup before the cosine decay.")
@@ -142,9 +142,9 @@ class BarlowTwinsCommon(CommonParams):
 
 class VariantParams(Strict):
     """One variant: the paper's projector modifications it switches on, each on when its knobs are given
-    (PAPER.md section 1; any combination). `{}` is the baseline."""
+    (docs/method.md section 1; any combination). `{}` is the baseline."""
 
-    mi_weight: Positive | None = Field(None, description="λ: add λ · I(Z1;Z2) to the loss (PAPER.md 3.3).")
+    mi_weight: Positive | None = Field(None, description="λ: add λ · I(Z1;Z2) to the loss (docs/method.md 3.3).")
     mi_grad_fp32: bool | None = Field(None, description=(
         "Under bf16, give λ·I(Z1;Z2) its own backward pass so that its gradient is added to the SSL gradient "
         "in fp32 (the weights' .grad) instead of being rounded away where the two meet in bf16 tensors; one "
@@ -191,7 +191,7 @@ class PretrainParams(Strict):
 
 
 class OptimizerParams(Strict):
-    """LARS and the warmup (PAPER.md section 4), for pretraining and the linear evaluations that use them."""
+    """LARS and the warmup (docs/method.md section 4), for pretraining and the linear evaluations that use them."""
 
     momentum: Probability = Field(description="Momentum of LARS and SGD.")
     eta: Positive = Field(description="LARS trust coefficient.")
@@ -211,7 +211,7 @@ class TrainingParams(Strict):
 
 
 class FitParams(Strict):
-    """Training a classifier: optimizer and schedule (PAPER.md 4.1)."""
+    """Training a classifier: optimizer and schedule (docs/method.md 4.1)."""
 
     epochs: int = Field(ge=1, le=10_000)
     batch_size: int = Field(ge=1, le=65_536)
@@ -225,7 +225,7 @@ class FitParams(Strict):
 
 
 class ProtocolParams(FitParams):
-    """The paper's linear evaluation of one method on one dataset (PAPER.md 4.1)."""
+    """The paper's linear evaluation of one method on one dataset (docs/method.md 4.1)."""
 
     protocol: Literal["finetune", "augmented", "features"] = Field(description=(
         "finetune: backbone and classifier trained on random crops + flips (the reference's default); "

@@ -1,4 +1,4 @@
-"""Projection heads: the baselines (PAPER.md 3.6) and the paper's modifications (3.4, 3.5).
+"""Projection heads: the baselines (docs/method.md 3.6) and the paper's modifications (3.4, 3.5).
 
 A projector is a head (MLP or sparse autoencoder) followed by the optional quantizer:
 projector/SAE -> quantizer -> (the regularizer sees the quantized output).

@@ -15,7 +15,7 @@ from pipeline.runtime import world_size
 
 @dataclass(frozen=True)
 class Variant:
-    """What a variant switches on (PAPER.md section 1), resolved from its knobs; zero or None is off."""
+    """What a variant switches on (docs/method.md section 1), resolved from its knobs; zero or None is off."""
 
     name: str
     mi_weight: float  # λ of the MI regularizer

@@ -1,4 +1,4 @@
-"""One pretraining step (PAPER.md sections 3-4), with no host synchronization: logged values stay on the device.
+"""One pretraining step (docs/method.md sections 3-4), with no host synchronization: logged values stay on the device.
 
 Two augmented views -> backbone h (Z1) -> projector z (Z2, after the optional SAE and quantizer) -> SSL loss
 (+ λ·I(Z1;Z2) for variants with the MI regularizer) + the online linear classifier's loss on detached h.

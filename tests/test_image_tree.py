@@ -41,7 +41,7 @@ def assert_refused(result, message: str) -> None:
 def test_imagenet100_class_list():
     wnids = imagenet100_classes()
     assert len(wnids) == len(set(wnids)) == 100 and wnids == sorted(wnids)
-    assert wnids[0] == "n01558993" and "n02869837" in wnids  # PAPER.md section 5
+    assert wnids[0] == "n01558993" and "n02869837" in wnids  # docs/method.md section 5
 
 
 def test_imagenet100_lists_missing_classes(tmp_path):

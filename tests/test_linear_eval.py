@@ -86,7 +86,7 @@ def test_untrained_encoder_is_the_pretraining_runs_starting_point(tiny_dataset, 
 
 
 def test_defaults_are_the_reference_protocols(params):
-    """PAPER.md 4.1: what the reference's scripts/linear/*.yaml run."""
+    """docs/method.md 4.1: what the reference's scripts/linear/*.yaml run."""
     def row(dataset, method):
         s = getattr(getattr(params.linear_eval, dataset), method)
         return (s.protocol, s.optimizer, s.base_lr, s.batch_size, s.weight_decay, s.schedule, s.epochs,

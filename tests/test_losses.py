@@ -7,7 +7,7 @@ from pipeline.losses import barlow_twins, nt_xent
 
 
 def nt_xent_by_hand(z_a, z_b, temperature):
-    """PAPER.md 3.1 written out anchor by anchor."""
+    """docs/method.md 3.1 written out anchor by anchor."""
     z = torch.nn.functional.normalize(torch.cat([z_a, z_b]), dim=1).double()
     n2 = len(z)
     total = 0.0

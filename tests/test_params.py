@@ -13,7 +13,7 @@ from tests.helpers import REPO, write_params
 
 def test_committed_params_are_valid():
     params = load_params(REPO / "params.yaml")
-    assert params.datasets.cifar10.md5 == "c32a1d4ab5d03f1284b67883e8d87530"  # PAPER.md section 5
+    assert params.datasets.cifar10.md5 == "c32a1d4ab5d03f1284b67883e8d87530"  # docs/method.md section 5
 
 
 def test_registry_keys_are_the_params_names():
@@ -146,7 +146,7 @@ def test_untrained_is_a_reserved_variant_name(tmp_path):
 
 
 def test_committed_params_hold_the_papers_settings(params):
-    """PAPER.md sections 3-4, spot checks."""
+    """docs/method.md sections 3-4, spot checks."""
     cifar, imagenet = params.pretrain.cifar10, params.pretrain.imagenet100
     simclr, barlow = cifar.simclr.common, cifar.barlow_twins.common
     assert (simclr.epochs, simclr.base_lr, simclr.temperature, cifar.simclr.variants["discrete"].levels) == (200, 0.4, 0.2, 30)
@@ -154,7 +154,7 @@ def test_committed_params_hold_the_papers_settings(params):
     assert (imagenet.barlow_twins.common.batch_size, imagenet.simclr.common.projector_hidden_dim) == (512, 4096)
     assert (cifar.simclr.variants["mi_reg"].mi_weight, imagenet.simclr.variants["mi_reg"].mi_weight) == (1e-4, 0.01)
     assert cifar.simclr.variants["baseline"] == cifar.simclr.variants["baseline"].__class__()  # {}: nothing on
-    for dataset in ("cifar10", "cifar100", "imagenet100"):  # PAPER.md 3.5: what the reference's yamls run
+    for dataset in ("cifar10", "cifar100", "imagenet100"):  # docs/method.md 3.5: what the reference's yamls run
         for method in ("simclr", "barlow_twins"):
             sae = getattr(getattr(params.pretrain, dataset), method).variants["sae"]
             assert (sae.sae_latent_dim, sae.sae_topk) == (100_000, 1000)

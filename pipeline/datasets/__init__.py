@@ -22,9 +22,9 @@ RAW = {"write_mode": "raw"}
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    crop_size: int  # training resolution, pixels (PAPER.md section 4)
+    crop_size: int  # training resolution, pixels (docs/method.md section 4)
     stem: str  # ResNet stem: "cifar" for 32-px data; "imagenet": variable-size images cropped by the decoder
-    stats: Stats | None  # normalization (PAPER.md section 4); None: measured on the train split
+    stats: Stats | None  # normalization (docs/method.md section 4); None: measured on the train split
     prepare: Callable[[Params, Path, Path | None], None]  # (params, raw folder to write, downloads folder)
     load: Callable[[Path], Labeled]  # raw folder -> classes and splits
     storage: Callable[[Params], dict]  # ffcv RGBImageField arguments

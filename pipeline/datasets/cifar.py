@@ -1,4 +1,4 @@
-"""CIFAR-10/100 from the official *binary* archives (PAPER.md section 5): nothing is unpickled.
+"""CIFAR-10/100 from the official *binary* archives (docs/method.md section 5): nothing is unpickled.
 
 A record is `label_bytes` label bytes then 3,072 pixel bytes: the red, green and blue 32x32 planes,
 each row-major. The embedded synthetic dataset is stored in the CIFAR-10 record layout too.
