@@ -59,6 +59,7 @@ class SyntheticParams(Strict):
     """The embedded dataset: small shapes and textures drawn from a seed (no network)."""
 
     seed: int = Field(ge=0)
+    image_size: int = Field(ge=8, le=64, description="Side of the square images, pixels.")
     num_classes: int = Field(ge=2, le=20)
     train_per_class: int = Field(ge=1, le=100_000)
     test_per_class: int = Field(ge=1, le=100_000)

@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.beton import SHM, SHM_PREFIX, channel_stats, convert_dataset, write_beton
-from pipeline.datasets.cifar import CIFAR10, SYNTHETIC, write_records
+from pipeline.datasets.cifar import CIFAR10
 from pipeline.datasets.image_tree import imagenet100_classes
 from pipeline.datasets.splits import ArraySplit
 from pipeline.errors import UserError
@@ -93,14 +93,16 @@ def test_convert_writes_betons_and_metadata(tmp_path, params):
     rng = np.random.default_rng(2)
     raw = tmp_path / "raw"
     raw.mkdir()
-    write_records(raw / "train.bin", rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8), np.arange(50) % 3)
-    write_records(raw / "test.bin", np.full((9, 32, 32, 3), 128, np.uint8), np.array([0, 1, 2] * 3))
-    (raw / SYNTHETIC.names).write_text("a\nb\nc\n")
+    np.save(raw / "train_images.npy", rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8))
+    np.save(raw / "train_labels.npy", np.arange(50) % 3)
+    np.save(raw / "test_images.npy", np.full((9, 32, 32, 3), 128, np.uint8))
+    np.save(raw / "test_labels.npy", np.array([0, 1, 2] * 3))
+    (raw / "classes.txt").write_text("a\nb\nc\n")
     meta = convert_dataset("synthetic", params, raw, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["test.beton", "train.beton"]
     assert meta["train"] == {"count": 50, "per_class": [17, 17, 16]} and meta["test"]["per_class"] == [3, 3, 3]
     assert meta["image_shape"] == [32, 32, 3] and meta["classes"] == ["a", "b", "c"]
-    assert meta["sources_sha256"]["test.bin"] == hashlib.sha256((raw / "test.bin").read_bytes()).hexdigest()
+    assert meta["sources_sha256"]["test_images.npy"] == hashlib.sha256((raw / "test_images.npy").read_bytes()).hexdigest()
     json.dumps(meta)  # serializable as is
 
 

@@ -3,7 +3,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from pipeline.datasets.cifar import CIFAR10, CIFAR100, read_records, write_records
+from pipeline.datasets.cifar import CIFAR10, CIFAR100, read_records
 from pipeline.errors import UserError
 from tests.helpers import SHARED_DATA, record_bytes
 
@@ -27,7 +27,7 @@ def test_genuine_cifar10_test_batch():
 def test_records_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 7)
-    write_records(tmp_path / "r.bin", images, labels)
+    (tmp_path / "r.bin").write_bytes(record_bytes(CIFAR10, images, labels))
     got_images, got_labels = read_records(tmp_path / "r.bin", CIFAR10)
     np.testing.assert_array_equal(got_images, images)
     np.testing.assert_array_equal(got_labels, labels)

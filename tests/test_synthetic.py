@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -16,9 +17,10 @@ def test_same_seed_same_bytes_other_seed_other_bytes():
     assert a.tobytes() != c.tobytes()
 
 
-def test_balanced_classes_of_32px_rgb():
-    images, labels = generate(np.random.default_rng(0), 20, 7)
-    assert images.shape == (140, 32, 32, 3) and images.dtype == np.uint8
+@pytest.mark.parametrize("size", [16, 32])
+def test_balanced_classes_of_rgb_images(size):
+    images, labels = generate(np.random.default_rng(0), 20, 7, size)
+    assert images.shape == (140, size, size, 3) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [7] * 20
     assert len(set(class_names(20))) == 20
 

@@ -6,10 +6,10 @@ from functools import partial
 from pathlib import Path
 from typing import get_args
 
-from pipeline.datasets.cifar import CIFAR10, CIFAR100, SYNTHETIC, load_records, prepare_archive
+from pipeline.datasets.cifar import CIFAR10, CIFAR100, load_records, prepare_archive
 from pipeline.datasets.image_tree import load_tree, prepare_tree
 from pipeline.datasets.splits import Labeled
-from pipeline.datasets.synthetic import prepare_synthetic
+from pipeline.datasets.synthetic import load_synthetic, prepare_synthetic
 from pipeline.errors import UserError
 from pipeline.params import DatasetName, Params
 
@@ -22,7 +22,7 @@ RAW = {"write_mode": "raw"}
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    crop_size: int  # training resolution, pixels (docs/method.md section 4)
+    crop_size: int | None  # training resolution, pixels (docs/method.md section 4); None: the stored images' side
     stem: str  # ResNet stem: "cifar" for 32-px data; "imagenet": variable-size images cropped by the decoder
     stats: Stats | None  # normalization (docs/method.md section 4); None: measured on the train split
     prepare: Callable[[Params, Path, Path | None], None]  # (params, raw folder to write, downloads folder)
@@ -44,8 +44,8 @@ DATASETS: dict[str, DatasetSpec] = {
                             partial(load_records, layout=CIFAR100), lambda params: RAW, downloads=True),
     "imagenet100": DatasetSpec(224, "imagenet", IMAGENET_STATS, lambda params, out, _: prepare_tree("imagenet100", params, out),
                                load_tree, partial(_jpeg, "imagenet100")),
-    "synthetic": DatasetSpec(32, "cifar", None, lambda params, out, _: prepare_synthetic(params, out),
-                             partial(load_records, layout=SYNTHETIC), lambda params: RAW),
+    "synthetic": DatasetSpec(None, "cifar", None, lambda params, out, _: prepare_synthetic(params, out),
+                             load_synthetic, lambda params: RAW),
     "folder": DatasetSpec(32, "cifar", IMAGENET_STATS, lambda params, out, _: prepare_tree("folder", params, out),
                           load_tree, partial(_jpeg, "folder")),
 }

@@ -1,7 +1,7 @@
 """CIFAR-10/100 from the official *binary* archives (docs/method.md section 5): nothing is unpickled.
 
 A record is `label_bytes` label bytes then 3,072 pixel bytes: the red, green and blue 32x32 planes,
-each row-major. The embedded synthetic dataset is stored in the CIFAR-10 record layout too.
+each row-major.
 """
 
 from dataclasses import dataclass
@@ -45,7 +45,6 @@ CIFAR10 = RecordLayout(tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test_
                        "batches.meta.txt", folder="cifar-10-batches-bin")
 CIFAR100 = RecordLayout(("train.bin",), "test.bin", "fine_label_names.txt", label_bytes=2, label_index=1,
                         folder="cifar-100-binary")
-SYNTHETIC = RecordLayout(("train.bin",), "test.bin", "classes.txt")
 
 
 def read_records(path: Path, layout: RecordLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -56,12 +55,6 @@ def read_records(path: Path, layout: RecordLayout) -> tuple[np.ndarray, np.ndarr
     raw = raw.reshape(-1, layout.record_bytes)
     images = raw[:, layout.label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes -> HWC
     return np.ascontiguousarray(images), raw[:, layout.label_index].astype(np.int64)
-
-
-def write_records(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """The inverse of `read_records` for the one-label-byte (CIFAR-10) layout."""
-    planes = images.transpose(0, 3, 1, 2).reshape(len(images), PIXEL_BYTES)
-    np.concatenate([labels.astype(np.uint8)[:, None], planes], axis=1).tofile(path)
 
 
 def load_records(raw: Path, layout: RecordLayout) -> Labeled:

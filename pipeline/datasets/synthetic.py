@@ -1,4 +1,4 @@
-"""The embedded dataset: 32x32 RGB images drawn deterministically from a seed, no network needed.
+"""The embedded dataset: small square RGB images drawn deterministically from a seed, no network needed.
 
 The class is a (shape, texture) pair: shapes {disk, square, triangle, cross, ring} x textures
 {solid, stripes, checks, dots}, classes 0-4 solid, 5-9 striped, and so on. Everything else is a
@@ -12,37 +12,40 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import atomic_dir
-from pipeline.datasets.cifar import SYNTHETIC, write_records
+from pipeline.datasets.splits import ArraySplit, Labeled
 from pipeline.params import Params
 
 SHAPES = ("disk", "square", "triangle", "cross", "ring")
 TEXTURES = ("solid", "stripes", "checks", "dots")
-SIZE = 32
+CLASSES = "classes.txt"  # the raw folder: this, and images/labels .npy files per split (no pickle)
 
 
 def class_names(num_classes: int) -> list[str]:
     return [f"{TEXTURES[c // len(SHAPES)]}-{SHAPES[c % len(SHAPES)]}" for c in range(num_classes)]
 
 
-def generate(rng: np.random.Generator, num_classes: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 32, 32, 3) uint8 images and (n,) int64 labels, classes interleaved in random order."""
+def generate(rng: np.random.Generator, num_classes: int, per_class: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(n, size, size, 3) uint8 images and (n,) int64 labels, classes interleaved in random order. Lengths
+    are given for 32 px and scale with `size`."""
     labels = rng.permutation(np.repeat(np.arange(num_classes), per_class))
     n = len(labels)
 
     def draw(low: float, high: float) -> np.ndarray:  # one value per image, broadcastable over pixels
         return rng.uniform(low, high, (n, 1, 1)).astype(np.float32)
 
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
-    radius, angle = draw(6, 11), draw(0, 2 * np.pi)
-    dx, dy = (xx - draw(10, 22)) / radius, (yy - draw(10, 22)) / radius
+    scale = size / 32
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    radius, angle = draw(6 * scale, 11 * scale), draw(0, 2 * np.pi)
+    dx, dy = (xx - draw(10 * scale, 22 * scale)) / radius, (yy - draw(10 * scale, 22 * scale)) / radius
     u = dx * np.cos(angle) + dy * np.sin(angle)  # shape coordinates: unit radius, rotated
     v = -dx * np.sin(angle) + dy * np.cos(angle)
     inside = _shape_masks(u, v)[labels % len(SHAPES), np.arange(n)]  # (n, 32, 32)
-    tone = _texture_masks(u * radius, v * radius, draw(3, 5.5), draw(0, 2 * np.pi))[labels // len(SHAPES), np.arange(n)]
+    period = draw(3 * scale, 5.5 * scale)
+    tone = _texture_masks(u * radius, v * radius, period, draw(0, 2 * np.pi))[labels // len(SHAPES), np.arange(n)]
 
     foreground = rng.uniform(0.35, 1.0, (n, 1, 1, 3)).astype(np.float32)
     background = (1 - foreground) * draw(0.2, 0.7)[..., None]
-    background = background * (1 + draw(-0.5, 0.5)[..., None] * (xx[..., None] - SIZE / 2) / SIZE)
+    background = background * (1 + draw(-0.5, 0.5)[..., None] * (xx[..., None] - size / 2) / size)
     shaded = np.where(tone[..., None], foreground, foreground * 0.4)
     image = np.where(inside[..., None], shaded, background)
     image += rng.normal(0, 0.03, image.shape).astype(np.float32)
@@ -50,7 +53,7 @@ def generate(rng: np.random.Generator, num_classes: int, per_class: int) -> tupl
 
 
 def _shape_masks(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """(len(SHAPES), n, 32, 32) booleans, in the order of SHAPES."""
+    """(len(SHAPES), n, size, size) booleans, in the order of SHAPES."""
     r = np.hypot(u, v)
     au, av = np.abs(u), np.abs(v)
     return np.stack([
@@ -63,7 +66,7 @@ def _shape_masks(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def _texture_masks(u: np.ndarray, v: np.ndarray, period: np.ndarray, phase: np.ndarray) -> np.ndarray:
-    """(len(TEXTURES), n, 32, 32) booleans: which pixels of a shape get the bright tone."""
+    """(len(TEXTURES), n, size, size) booleans: which pixels of a shape get the bright tone."""
     wave_u = np.sin(2 * np.pi * u / period + phase)
     wave_v = np.sin(2 * np.pi * v / period + phase)
     return np.stack([
@@ -75,10 +78,19 @@ def _texture_masks(u: np.ndarray, v: np.ndarray, period: np.ndarray, phase: np.n
 
 
 def prepare_synthetic(params: Params, out: Path) -> None:
-    """Write train and test splits (independent draws from one seed) in the CIFAR-10 record layout."""
+    """Write train and test splits (independent draws from one seed) as .npy arrays, and the class names."""
     p = params.datasets.synthetic
     rng = np.random.default_rng(p.seed)
     with atomic_dir(out) as staging:
-        for split, per_class in ((SYNTHETIC.train[0], p.train_per_class), (SYNTHETIC.test, p.test_per_class)):
-            write_records(staging / split, *generate(rng, p.num_classes, per_class))
-        (staging / SYNTHETIC.names).write_text("\n".join(class_names(p.num_classes)) + "\n")
+        for split, per_class in (("train", p.train_per_class), ("test", p.test_per_class)):
+            images, labels = generate(rng, p.num_classes, per_class, p.image_size)
+            np.save(staging / f"{split}_images.npy", images)
+            np.save(staging / f"{split}_labels.npy", labels)
+        (staging / CLASSES).write_text("\n".join(class_names(p.num_classes)) + "\n")
+
+
+def load_synthetic(raw: Path) -> Labeled:
+    def split(name: str) -> ArraySplit:
+        return ArraySplit(np.load(raw / f"{name}_images.npy", allow_pickle=False),
+                          np.load(raw / f"{name}_labels.npy", allow_pickle=False))
+    return Labeled((raw / CLASSES).read_text().split(), split("train"), split("test"))
