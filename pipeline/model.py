@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.backbones import ResNet18, resnet18
+from pipeline.errors import UserError
 from pipeline.losses import barlow_twins, nt_xent
 from pipeline.projectors import HEADS, Projector
 from pipeline.run import Run
@@ -41,8 +42,13 @@ def build_model(run: Run) -> SSLModel:
     """The run's model, randomly initialized from the current torch seed; the backbone is made first, so
     it is `initial_backbone(run)`'s whatever the variant."""
     backbone = build_backbone(run)
-    head = HEADS[run.method](backbone.feature_dim, run.common.projector_hidden_dim, run.common.projector_out_dim,
-                             run.variant.sae)
+    try:
+        head = HEADS[run.method](backbone.feature_dim, run.common.projector_hidden_dim, run.common.projector_out_dim,
+                                 run.variant.sae)
+    except (RuntimeError, MemoryError) as e:  # the allocator's failure: a projector too large for this machine
+        raise UserError(f"the projector of pretrain.{run.dataset}.{run.method} (variant {run.variant.name}) does not "
+                        f"fit in memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}): lower "
+                        "projector_hidden_dim, projector_out_dim or sae_latent_dim") from None
     return SSLModel(backbone, Projector(head, run.variant.levels), run.num_classes)
 
 

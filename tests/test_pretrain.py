@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.metrics import COLUMNS, DatasetMetrics
+from pipeline.model import build_model
 from pipeline.params import load_params
 from pipeline.pretrain import pretrain
 from pipeline.run import make_run
@@ -91,3 +93,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, 
         train(cell_run(overflowing, tiny_dataset), tiny_dataset, tmp_path / "run2")
     assert not (tmp_path / "run2" / "checkpoint.pt").exists()
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_projector_too_large_for_memory_is_a_user_error(tiny_dataset, tmp_path):
+    """Issue 14: a huge projector width ended in the allocator's traceback."""
+    path = write_params(tmp_path / "p.yaml", tiny_params(tmp_path / "p.yaml"),
+                        pretrain={"synthetic": {"simclr": {"variants": {"sae": {"sae_latent_dim": 1_000_000}},
+                                                           "common": {"projector_hidden_dim": 65_536}}}})
+    run, _ = cell_run(path, tiny_dataset, "simclr", "sae")
+    limit = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, limit[1]))  # 4 GiB of address space: the SAE needs more
+    try:
+        with pytest.raises(UserError, match=r"the projector of pretrain.synthetic.simclr \(variant sae\) does not fit "
+                                            r"in memory .*lower projector_hidden_dim"):
+            build_model(run)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, limit)
