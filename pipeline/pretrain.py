@@ -143,6 +143,8 @@ def pretrain(run: Run, data: Path, out: Path, device: torch.device, code_version
                  ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
         if is_rank0():
             _save(out, model, optimizer, run, history, code_version)
+    if is_rank0() and start_epoch == run.cell.epochs:  # a finished run resumed: DVC removed log.csv before the stage
+        _write_log(out, history)
     return {k: v for k, v in history[-1].items() if k != "images_per_s"} | {"epochs": run.cell.epochs}
 
 
@@ -262,6 +264,10 @@ def _save(out: Path, model: SSLModel, optimizer: LARS, run: Run, history: list[d
     with atomic_file(out / "checkpoint.pt") as staging:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": history[-1]["epoch"],
                     "history": history, "config": run.config(), "code_version": code_version}, staging)
+    _write_log(out, history)
+
+
+def _write_log(out: Path, history: list[dict]) -> None:
     with atomic_file(out / "log.csv") as staging:
         lines = [",".join(COLUMNS)] + [",".join(f"{row[c]:.6g}" for c in COLUMNS) for row in history]
         staging.write_text("\n".join(lines) + "\n")
