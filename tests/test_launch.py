@@ -18,7 +18,7 @@ from ruamel.yaml import YAML
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.launch.local import LocalOptions
+from stages.launch.local import LocalOptions, find_gpus
 from stages.launch.monitor import read_progress
 from stages.pretrain import NPROC_VARIABLE
 from tests.helpers import REPO, TINY_CELL, write_params
@@ -212,7 +212,7 @@ def test_slurm_runs_cells_two_at_a_time_requeued_tasks_resume_and_a_relaunch_run
     use_params(project, "longer")
     checkpoints = [project / "runs/synthetic/barlow_twins/baseline" / f"seed{seed}" / "checkpoint.pt" for seed in (0, 1)]
     first_run = [checkpoint.stat().st_mtime_ns for checkpoint in checkpoints]
-    second = launch(project, "--backend", "slurm", env=slurm)
+    second = launch(project, "--backend", "slurm", "--exec-prefix", "env", env=slurm)  # `env python -m dvc ...`
     assert cells_to_run(second.stdout) == BARLOW
     cells_job, final_job = submitted(second.stdout)
     # Preempted (an admin's requeue), and warned before its time limit (Slurm's USR1 to the batch shell),
@@ -281,6 +281,13 @@ def test_pretrain_reexecutes_itself_under_torchrun_when_asked(tiny_dataset, tmp_
     assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["world_size"] == 2
 
 
+def test_gpus_come_from_the_option_else_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert find_gpus(None) == ["2", "3"] and find_gpus("0, 1") == ["0", "1"] and find_gpus("") == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert find_gpus(None) == []
+
+
 def test_slots_pin_gpu_groups_k_cells_each():
     assert LocalOptions(["0", "1", "2", "3", "4"], 2, 2, 1).slots() == ["0,1", "2,3", "0,1", "2,3"]
     assert LocalOptions([], 1, 3, 4).slots() == ["", "", "", ""]
@@ -288,12 +295,14 @@ def test_slots_pin_gpu_groups_k_cells_each():
 
 def test_progress_is_read_from_the_current_stage_of_the_log(tmp_path):
     log = tmp_path / "cell.log"
-    log.write_text("Running stage 'pretrain@c':\n12:00:01 epoch 2/3: 50% (3 steps) loss 3.4  145 images/s\n")
+    log.write_text("launch: start 1796074065.43 CUDA_VISIBLE_DEVICES=0\nRunning stage 'pretrain@c':\n12:00:01 epoch 2/3: 50% (3 steps) loss 3.4  145 images/s\n")
     assert read_progress(log) == {"stage": "pretrain", "epoch": "2/3", "images/s": "145"}
     log.write_text(log.read_text() + "12:00:02 epoch 2/3: ssl_loss 3.4, lr 0.01, images_per_s 1523.7, online_test_acc 0.2\n")
     assert read_progress(log)["images/s"] == "1,524"
     log.write_text(log.read_text() + "Running stage 'linear-eval@c':\n")
     assert read_progress(log) == {"stage": "linear-eval"}
+    log.write_text(log.read_text() + "launch: start 1796074183.01 CUDA_VISIBLE_DEVICES=0\n")  # a new attempt
+    assert read_progress(log) == {"stage": ""}
 
 
 @pytest.mark.parametrize("options, message", [

@@ -34,6 +34,9 @@ def launch(
         account: Annotated[str | None, typer.Option(help="slurm: the account to charge.")] = None,
         sbatch_arg: Annotated[list[str] | None, typer.Option(help="slurm: an sbatch flag passed as given, e.g. "
                                                              "--sbatch-arg=--qos=high (repeatable).")] = None,
+        exec_prefix: Annotated[str | None, typer.Option(help="slurm: a command the tasks' DVC and audit run under, "
+                                                             "e.g. a container: 'apptainer exec --nv image.sif' "
+                                                             "(its `python` is used).")] = None,
         gpus: Annotated[str | None, typer.Option(help="local: the GPUs to use, e.g. 0,1,2,3 (default: "
                                                       "CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists; none: "
                                                       "the CPU).")] = None,
@@ -44,14 +47,15 @@ def launch(
     """Run the cells that are not up to date: the data stages first, here, then the cells (an sbatch array,
     or on this machine), then the report and the audit. Logs: logs/launch/<cell>.log."""
     slurm_only = {"--max-running": max_running, "--partition": partition, "--time": time_limit,
-                  "--account": account, "--sbatch-arg": sbatch_arg}
+                  "--account": account, "--sbatch-arg": sbatch_arg, "--exec-prefix": exec_prefix}
     local_only = {"--gpus": gpus, "--cells-per-gpu": cells_per_gpu, "--cpu-jobs": cpu_jobs}
     if misplaced := [flag for flag, value in (local_only if backend is Backend.slurm else slurm_only).items()
                      if value is not None]:
         raise UserError(f"{', '.join(misplaced)}: not an option of --backend {backend.value}")
     if backend is Backend.slurm:
         check_slurm()
-        options = SlurmOptions(gpus_per_cell, max_running, partition, time_limit, account, tuple(sbatch_arg or ()))
+        options = SlurmOptions(gpus_per_cell, max_running, partition, time_limit, account, tuple(sbatch_arg or ()),
+                               exec_prefix)
     else:
         slots = LocalOptions(find_gpus(gpus), gpus_per_cell, cells_per_gpu or 1, cpu_jobs or 1).slots()
     plan = read_plan()

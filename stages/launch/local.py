@@ -19,7 +19,7 @@ from rich.live import Live
 
 from pipeline.errors import UserError
 from stages.launch.cells import Cell, dvc_command, dvc_env
-from stages.launch.monitor import CellRun, table
+from stages.launch.monitor import ATTEMPT, CellRun, table
 from stages.pretrain import NPROC_VARIABLE
 
 POLL_S = 0.5
@@ -75,18 +75,21 @@ def run_cells(cells: list[Cell], slots: list[str], gpus_per_cell: int, logs: Pat
                     running.remove(run)
                     free.append(run.devices)
                 refresh()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # stop the running cells (their checkpoints stay: the next launch resumes them)
             for run in running:  # each cell is its own process group: DVC and the stage it runs
                 os.killpg(run.process.pid, signal.SIGTERM)
+            for run in running:
+                run.process.wait()
+                _finish(run)
             raise
     return runs
 
 
 def _start(run: CellRun, devices: str, gpus_per_cell: int) -> CellRun:
     """Start `dvc repro --single-item` of the cell's stages, appending to its log."""
-    extra = {"CUDA_VISIBLE_DEVICES": devices} | ({NPROC_VARIABLE: str(gpus_per_cell)} if gpus_per_cell > 1 else {})
+    extra = {"CUDA_VISIBLE_DEVICES": devices, NPROC_VARIABLE: str(gpus_per_cell)}
     with open(run.log, "a") as log:
-        log.write(f"launch: start {time.time():.6f} CUDA_VISIBLE_DEVICES={devices} (local)\n")
+        log.write(f"{ATTEMPT}{time.time():.6f} CUDA_VISIBLE_DEVICES={devices} (local)\n")
         log.flush()
         run.process = subprocess.Popen(dvc_command("--wait-for-lock", "repro", "--single-item", *run.cell.stages),
                                        stdout=log, stderr=subprocess.STDOUT, env=dvc_env(**extra),

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from stages.launch.cells import Cell
 
+ATTEMPT = "launch: start "                             # `launch`, as an attempt at the cell starts
 STAGE = re.compile(r"Running stage '([^']+)'")        # DVC, as a stage starts
 EPOCH = re.compile(r"epoch (\d+)/(\d+)")               # pretraining's progress and epoch lines
 RATE = re.compile(r"([\d.]+) images/s|images_per_s ([\d.]+)")
@@ -54,6 +55,7 @@ def read_progress(log: Path) -> dict[str, str]:
     with open(log, "rb") as f:
         f.seek(max(0, log.stat().st_size - TAIL_BYTES))
         text = f.read().decode(errors="replace")
+    text = text[max(text.rfind(ATTEMPT), 0):]  # this attempt (the log keeps earlier launches' too)
     stages = STAGE.findall(text)
     if stages:
         text = text[text.rfind(f"Running stage '{stages[-1]}'"):]  # what the current stage printed

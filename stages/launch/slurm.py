@@ -14,9 +14,7 @@ from pipeline.errors import UserError
 from stages.launch.cells import Cell
 from stages.pretrain import NPROC_VARIABLE
 
-PYTHON = shlex.quote(sys.executable)
 WARNING_S = 300  # before its time limit, a task is warned (USR1) and requeues itself
-PATH = f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\""  # the stages' `python` is this one
 
 
 @dataclass(frozen=True)
@@ -27,6 +25,13 @@ class SlurmOptions:
     time_limit: str | None
     account: str | None
     extra: tuple[str, ...]   # sbatch flags passed through as given
+    exec_prefix: str | None  # what DVC and audit run under on the node (a container), which then has `python`
+
+    def python(self) -> tuple[str, str]:
+        """The start of a task's commands, and the line that puts the right `python` first on PATH for DVC's stages."""
+        if self.exec_prefix:
+            return f"{self.exec_prefix} python", ""
+        return shlex.quote(sys.executable), f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\"\n"
 
     def common(self) -> list[str]:
         """The flags both jobs get."""
@@ -54,7 +59,7 @@ def _submit_cells(cells: list[Cell], options: SlurmOptions, logs: Path) -> str:
                    f"--gres=gpu:{options.gpus_per_cell}", "--requeue", f"--signal=B:USR1@{WARNING_S}",
                    "--open-mode=append",
                    f"--output={logs}/slurm-%A.out", *options.common()],
-                  _write(logs / "cells.sh", cells_script(cells, options.gpus_per_cell, logs)))
+                  _write(logs / "cells.sh", cells_script(cells, options, logs)))
     at_once = f", at most {options.max_running} at once" if options.max_running else ""
     typer.echo(f"submitted job {job}: {len(cells)} cells, {options.gpus_per_cell} GPU(s) each{at_once}; "
                f"logs: {logs}/<cell>.log")
@@ -65,20 +70,20 @@ def _submit_final(after: str | None, options: SlurmOptions, logs: Path) -> str:
     dependency = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
     # one GPU: what is left after the cells is light (the report, cheap evaluations)
     job = _sbatch(["--job-name=projector-ib-report", *dependency, "--gres=gpu:1", "--open-mode=append",
-                   f"--output={logs}/report.log", *options.common()], _write(logs / "report.sh", final_script()))
+                   f"--output={logs}/report.log", *options.common()], _write(logs / "report.sh", final_script(options)))
     when = f" once every task of job {after} has succeeded (cancelled if one fails)" if after else ""
     typer.echo(f"submitted job {job}: dvc repro, then audit{when}; log: {logs}/report.log")
     return job
 
 
-def cells_script(cells: list[Cell], gpus_per_cell: int, logs: Path) -> str:
+def cells_script(cells: list[Cell], options: SlurmOptions, logs: Path) -> str:
     """The array's batch script: task i runs `dvc repro --single-item` of cell i's stages, appending to the
     cell's log (a requeued task appends its next attempt); a line at start and at end says when and on which
     GPUs. Slurm's warning before the time limit (USR1) makes the task requeue itself: the next attempt
     resumes from the cell's checkpoint."""
     keys = " ".join(shlex.quote(cell.key) for cell in cells)
     stages = " ".join(shlex.quote(" ".join(cell.stages)) for cell in cells)
-    nproc = f"export {NPROC_VARIABLE}={gpus_per_cell}\n" if gpus_per_cell > 1 else ""
+    python, path = options.python()
     return f"""#!/bin/bash
 # Written by `python -m stages launch --backend slurm`: task i of the array runs cell i.
 cells=({keys})
@@ -86,11 +91,11 @@ stages=({stages})
 cell=${{cells[$SLURM_ARRAY_TASK_ID]}}
 task=${{SLURM_ARRAY_JOB_ID}}_$SLURM_ARRAY_TASK_ID
 exec >>{shlex.quote(str(logs))}/"$cell.log" 2>&1
-{PATH}
-{nproc}trap 'echo "launch: time limit near: requeue $task"; scontrol requeue "$task"; wait' USR1
+{path}export {NPROC_VARIABLE}={options.gpus_per_cell}
+trap 'echo "launch: time limit near: requeue $task"; scontrol requeue "$task"; wait' USR1
 echo "launch: start $(date +%s.%N) CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-}} task $task \\
 restart ${{SLURM_RESTART_COUNT:-0}} on $(hostname)"
-{PYTHON} -m dvc --wait-for-lock repro --single-item ${{stages[$SLURM_ARRAY_TASK_ID]}} &
+{python} -m dvc --wait-for-lock repro --single-item ${{stages[$SLURM_ARRAY_TASK_ID]}} &
 wait $!  # in the background, so that the trap runs as soon as USR1 comes
 status=$?
 echo "launch: end $(date +%s.%N) exit $status"
@@ -98,14 +103,14 @@ exit $status
 """
 
 
-def final_script() -> str:
+def final_script(options: SlurmOptions) -> str:
+    python, path = options.python()
     return f"""#!/bin/bash
 # Written by `python -m stages launch --backend slurm`: what is left of the pipeline, then the audit.
 set -e
-{PATH}
-echo "launch: start $(date +%s.%N) job $SLURM_JOB_ID on $(hostname)"
-{PYTHON} -m dvc --wait-for-lock repro
-{PYTHON} -m stages audit
+{path}echo "launch: start $(date +%s.%N) job $SLURM_JOB_ID on $(hostname)"
+{python} -m dvc --wait-for-lock repro
+{python} -m stages audit
 """
 
 
