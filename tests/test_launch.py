@@ -1,7 +1,6 @@
 """`launch`: the matrix over a real single-node Slurm with two fake GPUs, and over this machine, in a throwaway
 copy of the project; plus the pieces (GPU slots, progress from a log, torchrun on request, user errors)."""
 
-import json
 import os
 import re
 import shutil
@@ -158,8 +157,9 @@ def slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
     (root / "gres.conf").write_text("NodeName=localhost Name=gpu File=/dev/tty[0-1]\n")
     env = {**os.environ, "SLURM_CONF": str(conf)}
     daemons = []
-    for command in (["munged", "--foreground", "--force", f"--socket={root}/munge/socket", f"--key-file={root}/munge.key",
-                     f"--log-file={root}/log/munged.log", f"--pid-file={root}/munged.pid", f"--seed-file={root}/seed"],
+    for command in (["munged", "--foreground", "--force", f"--socket={root}/munge/socket",
+                     f"--key-file={root}/munge.key", f"--log-file={root}/log/munged.log",
+                     f"--pid-file={root}/munged.pid", f"--seed-file={root}/seed"],
                     ["slurmctld", "-D", "-f", str(conf)], ["slurmd", "-D", "-f", str(conf)]):
         with open(root / "log" / f"{command[0]}.out", "w") as out:
             daemons.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT))
@@ -189,7 +189,8 @@ def wait_for(condition, timeout_s: float, message) -> None:
 
 def wait_for_jobs(project: Path, env: dict[str, str], jobs: list[str]) -> None:
     def logs() -> str:
-        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted((project / "logs" / "launch").iterdir()))
+        return "\n".join(f"== {log.name}\n{log.read_text()[-3000:]}"
+                         for log in sorted((project / "logs" / "launch").iterdir()))
     # squeue lists pending and running jobs; once Slurm forgets a finished job it exits 1: "Invalid job id"
     wait_for(lambda: not run(project, "squeue", "-h", "-j", ",".join(jobs), env=env, check=False).stdout.strip(), 600,
              lambda: f"jobs {jobs} still queued after 10 minutes:\n{logs()}")
@@ -197,20 +198,23 @@ def wait_for_jobs(project: Path, env: dict[str, str], jobs: list[str]) -> None:
 
 def submitted(output: str) -> tuple[str, str]:
     """The cells' job id and the final job's, from what `launch` printed."""
-    return re.search(r"submitted job (\d+): \d+ cells", output)[1], re.search(r"submitted job (\d+): dvc repro", output)[1]
+    return (re.search(r"submitted job (\d+): \d+ cells", output)[1],
+            re.search(r"submitted job (\d+): dvc repro", output)[1])
 
 
 @pytest.mark.slow
 def test_slurm_runs_cells_two_at_a_time_requeued_tasks_resume_and_a_relaunch_runs_only_changed_cells(project, slurm):
     first = launch(project, "--backend", "slurm", "--max-running", "2", env=slurm)
     assert cells_to_run(first.stdout) == SIMCLR + BARLOW
+    again = launch(project, "--backend", "slurm", env=slurm, check=False)
+    assert again.returncode == 1 and "of an earlier launch in" in again.stderr and "still queued" in again.stderr
     wait_for_jobs(project, slurm, list(submitted(first.stdout)))
     check_two_at_a_time_on_distinct_gpus(project, SIMCLR + BARLOW)
     check_pipeline_complete(project)
     assert "audit: OK" in (project / "logs" / "launch" / "report.log").read_text()
 
     use_params(project, "longer")
-    checkpoints = [project / "runs/synthetic/barlow_twins/baseline" / f"seed{seed}" / "checkpoint.pt" for seed in (0, 1)]
+    checkpoints = [project / f"runs/synthetic/barlow_twins/baseline/seed{seed}/checkpoint.pt" for seed in (0, 1)]
     first_run = [checkpoint.stat().st_mtime_ns for checkpoint in checkpoints]
     second = launch(project, "--backend", "slurm", "--exec-prefix", "env", env=slurm)  # `env python -m dvc ...`
     assert cells_to_run(second.stdout) == BARLOW
@@ -295,9 +299,11 @@ def test_slots_pin_gpu_groups_k_cells_each():
 
 def test_progress_is_read_from_the_current_stage_of_the_log(tmp_path):
     log = tmp_path / "cell.log"
-    log.write_text("launch: start 1796074065.43 CUDA_VISIBLE_DEVICES=0\nRunning stage 'pretrain@c':\n12:00:01 epoch 2/3: 50% (3 steps) loss 3.4  145 images/s\n")
+    log.write_text("launch: start 1796074065.43 CUDA_VISIBLE_DEVICES=0\nRunning stage 'pretrain@c':\n"
+                   "12:00:01 epoch 2/3: 50% (3 steps) loss 3.4  145 images/s\n")
     assert read_progress(log) == {"stage": "pretrain", "epoch": "2/3", "images/s": "145"}
-    log.write_text(log.read_text() + "12:00:02 epoch 2/3: ssl_loss 3.4, lr 0.01, images_per_s 1523.7, online_test_acc 0.2\n")
+    log.write_text(log.read_text() + "12:00:02 epoch 2/3: ssl_loss 3.4, lr 0.01, images_per_s 1523.7, "
+                   "online_test_acc 0.2\nUpdating lock file 'dvc.lock'\n")
     assert read_progress(log)["images/s"] == "1,524"
     log.write_text(log.read_text() + "Running stage 'linear-eval@c':\n")
     assert read_progress(log) == {"stage": "linear-eval"}

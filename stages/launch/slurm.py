@@ -15,6 +15,7 @@ from stages.launch.cells import Cell
 from stages.pretrain import NPROC_VARIABLE
 
 WARNING_S = 300  # before its time limit, a task is warned (USR1) and requeues itself
+CELLS_JOB, FINAL_JOB = "projector-ib-cells", "projector-ib-report"  # the jobs' names
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,19 @@ class SlurmOptions:
 
 
 def check_slurm() -> None:
-    if shutil.which("sbatch") is None:
+    """Slurm's commands are here, and no job of an earlier launch in this workspace is still queued (its cells
+    would be submitted twice)."""
+    if shutil.which("sbatch") is None or shutil.which("squeue") is None:
         raise UserError("sbatch not found: --backend slurm submits jobs with Slurm's sbatch (run it where Slurm's "
                         "commands are, e.g. a login node), or use --backend local")
+    queue = subprocess.run(["squeue", "--noheader", "--me", f"--name={CELLS_JOB},{FINAL_JOB}", "--format=%F %Z"],
+                           capture_output=True, text=True)
+    if queue.returncode:
+        raise UserError(f"squeue failed: {queue.stderr.strip()}")
+    rows = [line.split(" ", 1) for line in queue.stdout.splitlines()]  # array job id, working directory
+    if jobs := sorted({job for job, workdir in rows if workdir == str(Path.cwd())}):
+        raise UserError(f"jobs {', '.join(jobs)} of an earlier launch in {Path.cwd()} are still queued or running: "
+                        f"wait for them (squeue -j {','.join(jobs)}) or cancel them (scancel), then launch again")
 
 
 def submit(cells: list[Cell], options: SlurmOptions, logs: Path) -> None:
@@ -55,7 +66,7 @@ def submit(cells: list[Cell], options: SlurmOptions, logs: Path) -> None:
 
 def _submit_cells(cells: list[Cell], options: SlurmOptions, logs: Path) -> str:
     cap = f"%{options.max_running}" if options.max_running else ""
-    job = _sbatch(["--job-name=projector-ib-cells", f"--array=0-{len(cells) - 1}{cap}",
+    job = _sbatch([f"--job-name={CELLS_JOB}", f"--array=0-{len(cells) - 1}{cap}",
                    f"--gres=gpu:{options.gpus_per_cell}", "--requeue", f"--signal=B:USR1@{WARNING_S}",
                    "--open-mode=append",
                    f"--output={logs}/slurm-%A.out", *options.common()],
@@ -69,7 +80,7 @@ def _submit_cells(cells: list[Cell], options: SlurmOptions, logs: Path) -> str:
 def _submit_final(after: str | None, options: SlurmOptions, logs: Path) -> str:
     dependency = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
     # one GPU: what is left after the cells is light (the report, cheap evaluations)
-    job = _sbatch(["--job-name=projector-ib-report", *dependency, "--gres=gpu:1", "--open-mode=append",
+    job = _sbatch([f"--job-name={FINAL_JOB}", *dependency, "--gres=gpu:1", "--open-mode=append",
                    f"--output={logs}/report.log", *options.common()], _write(logs / "report.sh", final_script(options)))
     when = f" once every task of job {after} has succeeded (cancelled if one fails)" if after else ""
     typer.echo(f"submitted job {job}: dvc repro, then audit{when}; log: {logs}/report.log")
