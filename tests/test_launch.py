@@ -323,3 +323,11 @@ def test_user_errors_are_one_line_without_traceback(options, message, tmp_path, 
     result = CliRunner().invoke(app, ["launch", *options])
     assert result.exit_code == 1 and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_pretrain_refuses_a_bad_process_count(tmp_path):
+    cell = ["--dataset", "synthetic", "--method", "simclr", "--variant", "baseline", "--seed", "0", "--data", "d",
+            "--metadata", "m.json", "--out", str(tmp_path / "run"), "--metrics", str(tmp_path / "m.json")]
+    result = CliRunner().invoke(app, ["pretrain", *cell], env={NPROC_VARIABLE: "two"})
+    assert result.exit_code == 1 and "PROJECTOR_IB_NPROC='two': expected a number of processes" in result.output
+    assert not (tmp_path / "run").exists()

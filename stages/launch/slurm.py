@@ -68,8 +68,7 @@ def _submit_cells(cells: list[Cell], options: SlurmOptions, logs: Path) -> str:
     cap = f"%{options.max_running}" if options.max_running else ""
     job = _sbatch([f"--job-name={CELLS_JOB}", f"--array=0-{len(cells) - 1}{cap}",
                    f"--gres=gpu:{options.gpus_per_cell}", "--requeue", f"--signal=B:USR1@{WARNING_S}",
-                   "--open-mode=append",
-                   f"--output={logs}/slurm-%A.out", *options.common()],
+                   "--open-mode=append", f"--output={logs}/slurm-%A.out", *options.common()],
                   _write(logs / "cells.sh", cells_script(cells, options, logs)))
     at_once = f", at most {options.max_running} at once" if options.max_running else ""
     typer.echo(f"submitted job {job}: {len(cells)} cells, {options.gpus_per_cell} GPU(s) each{at_once}; "
