@@ -66,6 +66,8 @@ def pretrain(run: Run, training: TrainingParams, data: Path, out: Path, device: 
                  ", ".join(f"{k} {v:.4g}" for k, v in row.model_dump().items() if k != "epoch"))
         if is_rank0():
             _save(out, model, optimizer, run, history, code_version)
+    if is_rank0() and start_epoch == run.common.epochs:  # a finished run resumed: DVC removed log.csv before the stage
+        _write_log(out, history)
     return PretrainMetrics(dataset=run.dataset, method=run.method, variant=run.variant.name, seed=run.seed,
                            epochs=run.common.epochs, precision=run.precision, mi_weight=run.variant.mi_weight,
                            mi_grad_fp32=run.variant.mi_grad_fp32,
@@ -175,5 +177,9 @@ def _save(out: Path, model: SSLModel, optimizer: LARS, run: Run, history: list[E
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": history[-1].epoch,
                     "history": [row.model_dump() for row in history], "config": run.config(),
                     "code_version": code_version}, staging)
+    _write_log(out, history)
+
+
+def _write_log(out: Path, history: list[EpochLog]) -> None:
     with atomic_file(out / "log.csv") as staging:
         write_log(staging, history)

@@ -1,15 +1,22 @@
 """The `pretrain` stage: one cell of the matrix, resumable; under torchrun, data-parallel."""
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from pipeline.atomic import atomic_file
+from pipeline.errors import UserError
 from pipeline.metrics import read_metadata
 from pipeline.params import load_params
 from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile, Seed, Variant
+
+# Processes (one per GPU) for this cell, set by `launch`: above 1, the stage re-executes itself under torchrun,
+# so dvc.yaml's `cmd` (and with it the stage's hash in dvc.lock) is the same on one GPU or several.
+NPROC_VARIABLE = "PROJECTOR_IB_NPROC"
 
 
 def pretrain_command(
@@ -18,6 +25,7 @@ def pretrain_command(
         metrics: Annotated[Path, typer.Option(help="Metrics JSON written at the end.")],
         params_file: ParamsFile = PARAMS_FILE) -> None:
     """Pretrain a ResNet-18 with SimCLR or Barlow Twins (+ the variant's projector modifications)."""
+    _torchrun_if_asked()
     from pipeline.loaders import check_betons
     from pipeline.pretrain import pretrain
     from pipeline.run import make_run
@@ -31,6 +39,18 @@ def pretrain_command(
     if is_rank0():
         with atomic_file(metrics) as staging:
             staging.write_text(result.model_dump_json(indent=2) + "\n")
+
+
+def _torchrun_if_asked() -> None:
+    """Replace this process by `torchrun` running the same command, when PROJECTOR_IB_NPROC asks for several
+    processes and this is not already one of torchrun's (which set WORLD_SIZE)."""
+    value = os.environ.get(NPROC_VARIABLE, "1")
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{NPROC_VARIABLE}={value!r}: expected a number of processes (1 or more)")
+    if int(value) > 1 and "WORLD_SIZE" not in os.environ:
+        # one node: rendezvous on the loopback address (a container's hostname may not resolve)
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  "--local-addr=127.0.0.1", f"--nproc-per-node={value}", "-m", "stages", *sys.argv[1:]])
 
 
 def _code_version() -> str:

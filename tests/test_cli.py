@@ -9,7 +9,7 @@ runner = CliRunner()
 
 
 @pytest.mark.parametrize("command", [[], ["check-params"], ["prepare"], ["convert"], ["pretrain"], ["linear-eval"],
-                                     ["bench"], ["report"], ["audit"], ["compare"]])
+                                     ["bench"], ["report"], ["audit"], ["compare"], ["launch"]])
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output

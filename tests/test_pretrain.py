@@ -84,6 +84,18 @@ def test_checkpoint_of_other_params_is_not_resumed(tiny_dataset, tmp_path):
     assert len((tmp_path / "run" / "log.csv").read_text().splitlines()) == 1 + 2  # started over: 2 fresh epochs
 
 
+def test_finished_checkpoint_resumed_rewrites_the_log(tiny_dataset, tmp_path):
+    """Regression: a requeued or relaunched cell whose checkpoint had every epoch wrote no log.csv, which DVC
+    deletes before running the stage, so the stage failed ("output ... log.csv does not exist")."""
+    meta = json.loads((tiny_dataset / "meta.json").read_text())
+    run = make_run(load_params(tiny_params(tmp_path / "p.yaml", epochs=1)), "synthetic", "simclr", "baseline", 0, meta)
+    first = pretrain(run, tiny_dataset / "ffcv", tmp_path / "run", torch.device("cpu"), "v")
+    written = (tmp_path / "run" / "log.csv").read_text()
+    (tmp_path / "run" / "log.csv").unlink()
+    assert pretrain(run, tiny_dataset / "ffcv", tmp_path / "run", torch.device("cpu"), "v") == first
+    assert (tmp_path / "run" / "log.csv").read_text() == written
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dataset, tmp_path):
     train(cell_run(tiny_params(tmp_path / "a.yaml", epochs=1), tiny_dataset), tiny_dataset, tmp_path / "run")
     tiny = tiny_params(tmp_path / "b.yaml", epochs=1)

@@ -1,0 +1,330 @@
+"""`launch`: the matrix over a real single-node Slurm with two fake GPUs, and over this machine, in a throwaway
+copy of the project; plus the pieces (GPU slots, progress from a log, torchrun on request, user errors)."""
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from ruamel.yaml import YAML
+from typer.testing import CliRunner
+
+from stages.cli import app
+from stages.launch.local import LocalOptions, find_gpus
+from stages.launch.monitor import read_progress
+from stages.pretrain import NPROC_VARIABLE
+from tests.helpers import REPO, tiny_sections, write_params
+
+# Every params override of these tests. `tiny`: 2 methods x 2 seeds of seconds-long cells (the 2 x 2 matrix);
+# the others are merged on top of it for one launch each and touch the barlow_twins cells only.
+PARAMS = {
+    "tiny": tiny_sections() | {
+        "experiment": {"datasets": ["synthetic"], "methods": ["simclr", "barlow_twins"], "variants": ["baseline"],
+                       "seeds": [0, 1]}},
+    "longer": {"pretrain": {"synthetic": {"barlow_twins": {"common": {"epochs": 20}}}}},  # time to requeue mid-training
+    "failing": {"pretrain": {"synthetic": {"barlow_twins": {"common": {"batch_size": 1000}}}}},  # > the 80 images
+}
+SIMCLR = ["synthetic-simclr-baseline-0", "synthetic-simclr-baseline-1"]
+BARLOW = ["synthetic-barlow_twins-baseline-0", "synthetic-barlow_twins-baseline-1"]
+START = re.compile(r"launch: start ([\d.]+) CUDA_VISIBLE_DEVICES=(\S*)")  # the lines `launch` adds to a cell's log
+END = re.compile(r"launch: end ([\d.]+)")
+SLURM_COMMANDS = ("sbatch", "scontrol", "squeue", "scancel", "sinfo", "slurmctld", "slurmd", "munged")
+
+
+def run(cwd: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {}), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def use_params(project: Path, *overrides: str) -> None:
+    write_params(project / "params.yaml", **PARAMS["tiny"])
+    for name in overrides:
+        write_params(project / "params.yaml", project / "params.yaml", **PARAMS[name])
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    for name in ("pipeline", "stages", "references"):
+        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(REPO / name, tmp_path / name)
+    use_params(tmp_path)
+    run(tmp_path, "git", "init", "-q")
+    run(tmp_path, "dvc", "init", "-q")
+    return tmp_path
+
+
+def launch(project: Path, *options: str, env: dict[str, str] | None = None, check: bool = True):
+    return run(project, sys.executable, "-m", "stages", "launch", *options, env=env, check=check)
+
+
+def attempts(project: Path, cell: str) -> list[tuple[float, float, str]]:
+    """(start, end, CUDA_VISIBLE_DEVICES) of each attempt at the cell that ran to its end, from the cell's log."""
+    spans, start = [], None
+    for line in (project / "logs" / "launch" / f"{cell}.log").read_text().splitlines():
+        if match := START.match(line):
+            start = (float(match[1]), match[2])
+        elif (match := END.match(line)) and start:
+            spans.append((start[0], float(match[1]), start[1]))
+            start = None
+    return spans
+
+
+def check_two_at_a_time_on_distinct_gpus(project: Path, cells: list[str]) -> None:
+    spans = [span for cell in cells for span in attempts(project, cell)]
+    assert len(spans) == len(cells)
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1]]
+    assert overlapping, f"no two cells ran at once: {spans}"
+    assert all(a[2] != b[2] for a, b in overlapping), f"two cells shared a GPU: {overlapping}"
+    assert max(sum(s[0] <= t < s[1] for s in spans) for t, _, _ in spans) == 2, spans
+    assert {s[2] for s in spans} == {"0", "1"}
+
+
+def check_pipeline_complete(project: Path) -> None:
+    """Every cell's stages are in dvc.lock and the report has every row (`launch` ran the audit itself)."""
+    lock = YAML(typ="safe").load((project / "dvc.lock").read_text())["stages"]
+    assert {f"{stage}@{cell}" for stage in ("pretrain", "linear-eval") for cell in SIMCLR + BARLOW} <= set(lock)
+    assert "| synthetic | barlow_twins | " in (project / "reports" / "results.md").read_text()
+
+
+def cells_to_run(output: str) -> list[str]:
+    return re.search(r"cells to run: (.*)", output)[1].split()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SLURM_CONF = """ClusterName=test
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+AuthType=auth/munge
+AuthInfo=socket={root}/munge/socket
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+GresTypes=gpu
+ReturnToService=2
+MpiDefault=none
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 Gres=gpu:2 State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@pytest.fixture
+def slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A single-node Slurm with two fake GPUs (/dev/tty0-1), its own munge key, socket and ports; yields the
+    environment its commands need and stops it afterwards. Fails in CI (CI set) when it cannot start."""
+    missing = [command for command in SLURM_COMMANDS if shutil.which(command) is None]
+    if missing or os.geteuid() != 0:
+        reason = (f"Slurm's {', '.join(missing)} not found (apt-get install slurm-wlm munge)" if missing
+                  else "slurmd needs root")
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}: CI must run the Slurm test")
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("slurm")
+    for name in ("state", "spool", "log", "munge"):
+        (root / name).mkdir()
+    (root / "munge.key").write_bytes(os.urandom(1024))
+    (root / "munge.key").chmod(0o400)
+    conf = root / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(root=root, ctld_port=free_port(), d_port=free_port()))
+    (root / "gres.conf").write_text("NodeName=localhost Name=gpu File=/dev/tty[0-1]\n")
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    daemons = []
+    for command in (["munged", "--foreground", "--force", f"--socket={root}/munge/socket",
+                     f"--key-file={root}/munge.key", f"--log-file={root}/log/munged.log",
+                     f"--pid-file={root}/munged.pid", f"--seed-file={root}/seed"],
+                    ["slurmctld", "-D", "-f", str(conf)], ["slurmd", "-D", "-f", str(conf)]):
+        with open(root / "log" / f"{command[0]}.out", "w") as out:
+            daemons.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT))
+        time.sleep(0.5)
+    try:
+        wait_for(lambda: "idle" in run(root, "sinfo", "-h", "-o", "%T", env=env, check=False).stdout, 30,
+                 lambda: "Slurm did not start:\n" + "".join(p.read_text() for p in (root / "log").iterdir()))
+        yield env
+    finally:
+        run(root, "scancel", "--user=root", env=env, check=False)
+        for daemon in reversed(daemons):
+            daemon.terminate()
+            try:
+                daemon.wait(10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+
+
+def wait_for(condition, timeout_s: float, message) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(message())
+        time.sleep(0.1)
+
+
+def wait_for_jobs(project: Path, env: dict[str, str], jobs: list[str]) -> None:
+    def logs() -> str:
+        return "\n".join(f"== {log.name}\n{log.read_text()[-3000:]}"
+                         for log in sorted((project / "logs" / "launch").iterdir()))
+    # squeue lists pending and running jobs; once Slurm forgets a finished job it exits 1: "Invalid job id"
+    wait_for(lambda: not run(project, "squeue", "-h", "-j", ",".join(jobs), env=env, check=False).stdout.strip(), 600,
+             lambda: f"jobs {jobs} still queued after 10 minutes:\n{logs()}")
+
+
+def submitted(output: str) -> tuple[str, str]:
+    """The cells' job id and the final job's, from what `launch` printed."""
+    return (re.search(r"submitted job (\d+): \d+ cells", output)[1],
+            re.search(r"submitted job (\d+): dvc repro", output)[1])
+
+
+@pytest.mark.slow
+def test_slurm_runs_cells_two_at_a_time_requeued_tasks_resume_and_a_relaunch_runs_only_changed_cells(project, slurm):
+    first = launch(project, "--backend", "slurm", "--max-running", "2", env=slurm)
+    assert cells_to_run(first.stdout) == SIMCLR + BARLOW
+    again = launch(project, "--backend", "slurm", env=slurm, check=False)
+    assert again.returncode == 1 and "of an earlier launch in" in again.stderr and "still queued" in again.stderr
+    wait_for_jobs(project, slurm, list(submitted(first.stdout)))
+    check_two_at_a_time_on_distinct_gpus(project, SIMCLR + BARLOW)
+    check_pipeline_complete(project)
+    assert "audit: OK" in (project / "logs" / "launch" / "report.log").read_text()
+
+    use_params(project, "longer")
+    checkpoints = [project / f"runs/synthetic/barlow_twins/baseline/seed{seed}/checkpoint.pt" for seed in (0, 1)]
+    first_run = [checkpoint.stat().st_mtime_ns for checkpoint in checkpoints]
+    second = launch(project, "--backend", "slurm", "--exec-prefix", "env", env=slurm)  # `env python -m dvc ...`
+    assert cells_to_run(second.stdout) == BARLOW
+    cells_job, final_job = submitted(second.stdout)
+    # Preempted (an admin's requeue), and warned before its time limit (Slurm's USR1 to the batch shell),
+    # once the new run has written its first checkpoint (these params start it over).
+    interrupt = {f"{cells_job}_0": ["scontrol", "requeue"], f"{cells_job}_1": ["scancel", "--signal=USR1", "--batch"]}
+    written = dict(zip(interrupt, first_run))
+    checkpoints = dict(zip(interrupt, checkpoints))
+    waiting, deadline = set(interrupt), time.monotonic() + 300
+    while waiting and time.monotonic() < deadline:
+        for task in [t for t in waiting if checkpoints[t].stat().st_mtime_ns != written[t]]:
+            run(project, *interrupt[task], task, env=slurm)
+            waiting.remove(task)
+        time.sleep(0.05)
+    assert not waiting, f"no checkpoint for {waiting}"
+    for task in interrupt:  # a requeued task may start again after about 2 minutes: start it now
+        wait_for(lambda: "PENDING" in run(project, "squeue", "-h", "-o", "%T", "-j", task, env=slurm).stdout, 60,
+                 lambda: f"{task} was not requeued")
+        time.sleep(2)  # slurmd refuses a job started again within the second it was killed ("already killed")
+        run(project, "scontrol", "update", f"jobid={task}", "StartTime=now", env=slurm)
+    wait_for_jobs(project, slurm, [cells_job, final_job])
+
+    for cell, checkpoint in zip(BARLOW, checkpoints.values()):
+        log = (project / "logs" / "launch" / f"{cell}.log").read_text()
+        resumed = re.search(r"restart 1 .*\n(?:.*\n)*?.*resuming from \S+ after epoch (\d+)", log)
+        assert resumed and 1 <= int(resumed[1]) < 20, log[-3000:]
+        assert torch.load(checkpoint, weights_only=False)["epoch"] == 20
+    assert "launch: time limit near" in (project / "logs" / "launch" / f"{BARLOW[1]}.log").read_text()
+    assert all(len(attempts(project, cell)) == 1 for cell in SIMCLR)  # not run again
+    check_pipeline_complete(project)
+    assert (project / "logs" / "launch" / "report.log").read_text().count("audit: OK") == 2
+
+
+@pytest.mark.slow
+def test_local_runs_cells_on_pinned_gpus_reports_failures_and_a_relaunch_runs_only_changed_cells(project):
+    use_params(project, "failing")
+    first = launch(project, "--backend", "local", "--gpus", "0,1", check=False)
+    assert first.returncode == 1
+    assert cells_to_run(first.stdout) == SIMCLR + BARLOW
+    assert "cells: 2 done, 2 failed" in first.stdout
+    for cell in BARLOW:
+        assert re.search(f"{cell}: exit \\d+, log logs/launch/{cell}.log", first.stderr)
+        assert "larger than the training set" in (project / "logs" / "launch" / f"{cell}.log").read_text()
+    check_two_at_a_time_on_distinct_gpus(project, SIMCLR + BARLOW)
+    assert not (project / "reports").exists()
+
+    use_params(project)
+    second = launch(project, "--backend", "local", "--cpu-jobs", "2", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert cells_to_run(second.stdout) == BARLOW
+    assert [attempts(project, cell)[-1][2] for cell in BARLOW] == ["", ""]  # on the CPU
+    assert all(len(attempts(project, cell)) == 1 for cell in SIMCLR)
+    check_pipeline_complete(project)
+    assert "audit: OK" in second.stdout
+    assert "everything is up to date" in launch(project, "--backend", "local").stdout
+
+
+@pytest.mark.slow
+def test_pretrain_reexecutes_itself_under_torchrun_when_asked(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "stages", "pretrain", "--params",
+               str(write_params(tmp_path / "p.yaml", **PARAMS["tiny"])), "--dataset", "synthetic",
+               "--method", "barlow_twins", "--variant", "baseline", "--seed", "0", "--data", str(tiny_dataset / "ffcv"),
+               "--metadata", str(tiny_dataset / "meta.json"), "--out", str(out), "--metrics", str(out / "metrics.json")]
+    env = {**os.environ, NPROC_VARIABLE: "2", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["world_size"] == 2
+
+
+def test_gpus_come_from_the_option_else_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert find_gpus(None) == ["2", "3"] and find_gpus("0, 1") == ["0", "1"] and find_gpus("") == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert find_gpus(None) == []
+
+
+def test_slots_pin_gpu_groups_k_cells_each():
+    assert LocalOptions(["0", "1", "2", "3", "4"], 2, 2, 1).slots() == ["0,1", "2,3", "0,1", "2,3"]
+    assert LocalOptions([], 1, 3, 4).slots() == ["", "", "", ""]
+
+
+def test_progress_is_read_from_the_current_stage_of_the_log(tmp_path):
+    log = tmp_path / "cell.log"
+    log.write_text("launch: start 1796074065.43 CUDA_VISIBLE_DEVICES=0\nRunning stage 'pretrain@c':\n"
+                   "12:00:01 epoch 2/3: 50% (3 steps) loss 3.4  145 images/s\n")
+    assert read_progress(log) == {"stage": "pretrain", "epoch": "2/3", "images/s": "145"}
+    log.write_text(log.read_text() + "12:00:02 epoch 2/3: ssl_loss 3.4, lr 0.01, images_per_s 1523.7, "
+                   "online_test_acc 0.2\nUpdating lock file 'dvc.lock'\n")
+    assert read_progress(log)["images/s"] == "1,524"
+    log.write_text(log.read_text() + "Running stage 'linear-eval@c':\n")
+    assert read_progress(log) == {"stage": "linear-eval"}
+    log.write_text(log.read_text() + "launch: start 1796074183.01 CUDA_VISIBLE_DEVICES=0\n")  # a new attempt
+    assert read_progress(log) == {"stage": ""}
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--backend", "slurm"], "sbatch not found: --backend slurm submits jobs with Slurm's sbatch"),
+    (["--backend", "local", "--partition", "gpu", "--time", "1:00:00"], "--partition, --time: not an option of "
+                                                                          "--backend local"),
+    (["--backend", "slurm", "--cpu-jobs", "2"], "--cpu-jobs: not an option of --backend slurm"),
+    (["--backend", "local", "--gpus", "", "--gpus-per-cell", "2"], "--gpus-per-cell 2: no GPU found"),
+])
+def test_user_errors_are_one_line_without_traceback(options, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+    result = CliRunner().invoke(app, ["launch", *options])
+    assert result.exit_code == 1 and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_pretrain_refuses_a_bad_process_count(tmp_path):
+    cell = ["--dataset", "synthetic", "--method", "simclr", "--variant", "baseline", "--seed", "0", "--data", "d",
+            "--metadata", "m.json", "--out", str(tmp_path / "run"), "--metrics", str(tmp_path / "m.json")]
+    result = CliRunner().invoke(app, ["pretrain", *cell], env={NPROC_VARIABLE: "two"})
+    assert result.exit_code == 1 and "PROJECTOR_IB_NPROC='two': expected a number of processes" in result.output
+    assert not (tmp_path / "run").exists()
