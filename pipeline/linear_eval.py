@@ -125,7 +125,7 @@ def extract_features(backbone: nn.Module, batches, mean: Tensor, std: Tensor, pr
         x = (x.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
         with autocast(precision, x.device.type):
             features.append(backbone(x).float().cpu())
-        labels.append(y.cpu())
+        labels.append(y.to("cpu", copy=True))  # FFCV reuses its batch buffers: keep a copy, not a view
         _log_start()
     return torch.cat(features), torch.cat(labels)
 

@@ -1,11 +1,10 @@
 """Linear evaluation: the paper's protocols (finetune, augmented, features), the fast probe, the untrained level."""
 
-import json
-
 import pytest
 import torch
 
-from pipeline.linear_eval import _fit, feature_batches, linear_eval, load_backbone
+from pipeline.linear_eval import _fit, extract_features, feature_batches, linear_eval, load_backbone
+from pipeline.loaders import eval_loader, read_labels
 from pipeline.metrics import DatasetMetrics
 from pipeline.model import build_model
 from pipeline.params import load_params
@@ -99,3 +98,15 @@ def test_defaults_are_the_reference_protocols(params):
     assert params.linear_eval.cifar10.simclr.warmup_epochs == 10 and params.optimizer.eta == 0.02
     view = params.linear_eval.view
     assert (view.crop_scale, view.flip_p, view.jitter_p, view.grayscale_p, view.blur_p) == ([0.08, 1.0], 0.5, 0, 0, 0)
+
+
+def test_extracted_labels_are_in_file_order_across_many_batches(tiny_dataset):
+    """Regression: FFCV reuses its batch buffers, and the labels kept were views of them: with many batches the
+    labels of later batches overwrote earlier ones (the kNN and probes then scored near chance)."""
+    path = tiny_dataset / "ffcv" / "train.beton"
+    expected = read_labels(path)
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    for batch_size in (7, 80):
+        _, labels = extract_features(backbone, eval_loader(path, batch_size, workers=2), torch.zeros(3),
+                                     torch.ones(3), "fp32")
+        assert labels.tolist() == expected.tolist()
