@@ -23,7 +23,7 @@ from pipeline.loaders import ssl_loader
 from pipeline.model import build_model
 from pipeline.mutual_info import matrix_mutual_info
 from pipeline.params import ViewParams
-from pipeline.pretrain import make_optimizer
+from pipeline.optim import make_optimizer
 from pipeline.run import Run
 from pipeline.step import backward, forward
 

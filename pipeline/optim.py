@@ -1,4 +1,5 @@
-"""SGD with momentum, LARS, and the warmup-cosine schedule of PAPER.md section 4 (solo-learn's semantics).
+"""SGD with momentum, LARS, the warmup-cosine schedule of PAPER.md section 4 (solo-learn's semantics), and the
+pretraining optimizer of a model.
 
 Plain classes with torch.optim's interface as this project uses it (param_groups, zero_grad, step,
 state_dict, load_state_dict), not subclasses of torch.optim.Optimizer: its methods import torch._dynamo,
@@ -7,9 +8,14 @@ which costs every stage process about 3 s of start-up on the 2-core machine.
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # not at run time: this module stays importable on its own
+    from pipeline.model import SSLModel
+    from pipeline.run import Run
 
 
 class SGD:
@@ -95,3 +101,14 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float
         return start_lr + step * (base_lr - start_lr) / max(warmup_steps - 1, 1)
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: "SSLModel", run: "Run") -> LARS:
+    """LARS over the backbone and projector (weight decay) and the online classifier (none), lr set per step."""
+    o, c = run.optimizer, run.common
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("classifier.")],
+               "base_lr": c.base_lr * c.batch_size / 256, "weight_decay": c.weight_decay},
+              {"params": list(model.classifier.parameters()),
+               "base_lr": c.classifier_lr * c.batch_size / 256, "weight_decay": 0.0}]
+    return LARS(groups, lr=0.0, momentum=o.momentum, weight_decay=c.weight_decay, eta=o.eta, clip_lr=o.clip_lr,
+                exclude_bias_n_norm=o.exclude_bias_n_norm)
