@@ -49,8 +49,8 @@ def augment_views(run: Run, images: Tensor, generator: torch.Generator, stats: t
     """The two augmented, normalized float32 views of uint8 `images`, as pretraining makes them on a GPU;
     `stats`: run.stats(device), made once (a copy to the device per step would make the host wait)."""
     n, hw = len(images), tuple(images.shape[-2:])
-    return tuple(augment_torch(images, view, draw(n, hw, view, generator), *stats).contiguous(memory_format=memory_format)
-                 for view in run.views())
+    views = (augment_torch(images, view, draw(n, hw, view, generator), *stats) for view in run.views())
+    return tuple(x.contiguous(memory_format=memory_format) for x in views)
 
 
 class Trainer:
@@ -123,9 +123,9 @@ def step_rate(run: Run, batch_size: int, device: torch.device, seconds: float, c
 
 def augmentation_rate(run: Run, batch_size: int, device: torch.device, seconds: float) -> dict:
     """Images/s of the device augmentation of both views (pipeline.augment's torch path)."""
-    trainer = Trainer(run, device)
     images, _ = random_batch(run, batch_size, device)
-    return images_per_second(lambda: trainer.augment(images), batch_size, device, seconds)
+    generator, stats = torch.Generator(device).manual_seed(0), run.stats(device)
+    return images_per_second(lambda: augment_views(run, images, generator, stats), batch_size, device, seconds)
 
 
 def peak_memory(run: Run, batch_size: int, device: torch.device, channels_last: bool) -> int:

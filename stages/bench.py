@@ -67,8 +67,9 @@ def bench(dataset: Dataset,
     table.add_row("loading speedup", f"{ours / reference:.1f}x")
     table.add_row(f"pretrain images/s (width {width})", f"{batch_size / step:.1f} ({step:.2f} s/step)")
     table.add_row("regularizer share of step time", f"{100 * results['regularizer_share']:.2f}% ({1000 * regularizer:.1f} ms)")
+    measured_text = f", {measured / 2**30:.2f} GiB measured" if measured else ""
     table.add_row(f"step peak memory, {params.training.precision} (pipeline.memory)",
-                  f"{estimate / 2**30:.2f} GiB estimated" + (f", {measured / 2**30:.2f} GiB measured" if measured else ""))
+                  f"{estimate / 2**30:.2f} GiB estimated{measured_text}")
     Console().print(table)
     with atomic_file(out) as staging:
         staging.write_text(json.dumps(results, indent=2) + "\n")
