@@ -20,10 +20,9 @@ from torchvision import transforms as T
 from pipeline.augment import augment
 from pipeline.datasets.splits import Split
 from pipeline.loaders import ssl_loader
-from pipeline.model import build_model
+from pipeline.model import build_model, make_optimizer
 from pipeline.mutual_info import matrix_mutual_info
 from pipeline.params import ViewParams
-from pipeline.pretrain import make_optimizer
 from pipeline.run import Run
 from pipeline.step import backward, forward
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from pipeline.backbones import ResNet18, resnet18
 from pipeline.errors import UserError
 from pipeline.losses import barlow_twins, nt_xent
+from pipeline.optim import LARS
 from pipeline.projectors import HEADS, Projector
 from pipeline.run import Run
 
@@ -50,6 +51,17 @@ def build_model(run: Run) -> SSLModel:
                         f"fit in memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}): lower "
                         "projector_hidden_dim, projector_out_dim or sae_latent_dim") from None
     return SSLModel(backbone, Projector(head, run.variant.levels), run.num_classes)
+
+
+def make_optimizer(model: SSLModel, run: Run) -> LARS:
+    """LARS over the backbone and projector (weight decay) and the online classifier (none); lr set per step."""
+    o, c = run.optimizer, run.common
+    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("classifier.")],
+               "base_lr": c.base_lr * c.batch_size / 256, "weight_decay": c.weight_decay},
+              {"params": list(model.classifier.parameters()),
+               "base_lr": c.classifier_lr * c.batch_size / 256, "weight_decay": 0.0}]
+    return LARS(groups, lr=0.0, momentum=o.momentum, weight_decay=c.weight_decay, eta=o.eta, clip_lr=o.clip_lr,
+                exclude_bias_n_norm=o.exclude_bias_n_norm)
 
 
 def initial_backbone(run: Run) -> ResNet18:

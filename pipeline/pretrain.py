@@ -20,7 +20,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import UserError
 from pipeline.loaders import Batches, eval_loader, ssl_loader
 from pipeline.metrics import EpochLog, PretrainMetrics, write_log
-from pipeline.model import SSLModel, build_model
+from pipeline.model import SSLModel, build_model, make_optimizer
 from pipeline.optim import LARS, warmup_cosine
 from pipeline.params import TrainingParams
 from pipeline.progress import progress
@@ -72,17 +72,6 @@ def pretrain(run: Run, training: TrainingParams, data: Path, out: Path, device: 
                            epochs=run.common.epochs, precision=run.precision, mi_weight=run.variant.mi_weight,
                            mi_grad_fp32=run.variant.mi_grad_fp32,
                            mi_grad_ratio_max=max(row.mi_grad_ratio for row in history), **history[-1].model_dump())
-
-
-def make_optimizer(model: SSLModel, run: Run) -> LARS:
-    """LARS over the backbone and projector (weight decay) and the online classifier (none), lr set per step."""
-    o, c = run.optimizer, run.common
-    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("classifier.")],
-               "base_lr": c.base_lr * c.batch_size / 256, "weight_decay": c.weight_decay},
-              {"params": list(model.classifier.parameters()),
-               "base_lr": c.classifier_lr * c.batch_size / 256, "weight_decay": 0.0}]
-    return LARS(groups, lr=0.0, momentum=o.momentum, weight_decay=c.weight_decay, eta=o.eta, clip_lr=o.clip_lr,
-                exclude_bias_n_norm=o.exclude_bias_n_norm)
 
 
 def _distributed(model: SSLModel, device: torch.device) -> nn.Module:

@@ -7,9 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.augment import ViewSpec, augment_torch, draw
 from pipeline.metrics import DatasetMetrics
-from pipeline.model import build_model
+from pipeline.model import build_model, make_optimizer
 from pipeline.params import UNIT_ROUNDOFF, load_params
-from pipeline.pretrain import make_optimizer
 from pipeline.run import make_run
 from pipeline.step import backward, forward, gradient_ratio
 from tests.helpers import tiny_params
