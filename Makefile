@@ -1,4 +1,4 @@
-# make setup: install everything (scripts/setup) | make test: the test suite
+# make setup: install everything (scripts/setup) | make test: lint, format and type checks, then the test suite
 # make demo: the pipeline on synthetic data, SimCLR (demo/) | make demo-full: SimCLR and Barlow Twins
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml requirements.lock scripts/setup
 	touch $@
 
 test: setup
+	ruff check .
+	ruff format --check .
+	mypy
 	python -m pytest
 
 demo: setup

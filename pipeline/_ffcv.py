@@ -21,11 +21,16 @@ import numpy as np  # noqa: E402
 from ffcv.memory_managers.os_cache import OSCacheManager  # noqa: E402
 
 
-@numba.njit(numba.uint8[::1](numba.uint64, OSCacheManager.state_type.fget(None)), cache=True, fastmath=True,
-            nogil=True, error_model="numpy")
+@numba.njit(
+    numba.uint8[::1](numba.uint64, OSCacheManager.state_type.fget(None)),
+    cache=True,
+    fastmath=True,
+    nogil=True,
+    error_model="numpy",
+)
 def _read(address, mem_state):
     size = mem_state[2][np.searchsorted(mem_state[1], address)]
-    return mem_state[0][address:address + size]
+    return mem_state[0][address : address + size]
 
 
 # FFCV 1.0.2 compiles this same reader anew for every Loader (about 1.8 s each here); compiled once, cached on

@@ -42,14 +42,30 @@ class ViewSpec:
 
     @classmethod
     def from_params(cls, view: ViewParams, size: int, crop: bool) -> "ViewSpec":
-        return cls(size, crop, crop_scale=tuple(view.crop_scale), crop_ratio=tuple(view.crop_ratio),
-                   interpolation=view.interpolation, flip_p=view.flip_p, jitter=tuple(view.jitter),
-                   jitter_p=view.jitter_p, grayscale_p=view.grayscale_p, blur_p=view.blur_p,
-                   blur_sigma=tuple(view.blur_sigma), solarize_p=view.solarize_p)
+        brightness, contrast, saturation, hue = view.jitter
+        return cls(
+            size,
+            crop,
+            crop_scale=_pair(view.crop_scale),
+            crop_ratio=_pair(view.crop_ratio),
+            interpolation=view.interpolation,
+            flip_p=view.flip_p,
+            jitter=(brightness, contrast, saturation, hue),
+            jitter_p=view.jitter_p,
+            grayscale_p=view.grayscale_p,
+            blur_p=view.blur_p,
+            blur_sigma=_pair(view.blur_sigma),
+            solarize_p=view.solarize_p,
+        )
 
     @property
     def blur_size(self) -> int:
         return 2 * math.ceil(3 * self.blur_sigma[1]) + 1
+
+
+def _pair(values: list[float]) -> tuple[float, float]:
+    low, high = values
+    return low, high
 
 
 @dataclass(frozen=True)
@@ -75,14 +91,19 @@ def draw(b: int, hw: tuple[int, int], spec: ViewSpec, generator: torch.Generator
     else:
         boxes = _constant((0, 0, *hw), device).expand(b, 4)
     probabilities = _constant((spec.jitter_p, spec.grayscale_p, spec.blur_p, spec.solarize_p), device)
-    return Draws(boxes=boxes, flip=uniform() < spec.flip_p, factors=jitter_factors(uniform(4), spec.jitter),
-                 order=uniform(4).argsort(dim=1), apply=uniform(4) < probabilities,
-                 sigma=spec.blur_sigma[0] + uniform() * (spec.blur_sigma[1] - spec.blur_sigma[0]))
+    return Draws(
+        boxes=boxes,
+        flip=uniform() < spec.flip_p,
+        factors=jitter_factors(uniform(4), spec.jitter),
+        order=uniform(4).argsort(dim=1),
+        apply=uniform(4) < probabilities,
+        sigma=spec.blur_sigma[0] + uniform() * (spec.blur_sigma[1] - spec.blur_sigma[0]),
+    )
 
 
 def augment(x: Tensor, spec: ViewSpec, mean: Tensor, std: Tensor, generator: torch.Generator) -> Tensor:
     """uint8 images (B, 3, H, W) -> one augmented, normalized float32 view (B, 3, size, size)."""
-    draws = draw(x.shape[0], tuple(x.shape[-2:]), spec, generator)
+    draws = draw(x.shape[0], (x.shape[-2], x.shape[-1]), spec, generator)
     if x.device.type == "cpu":
         return augment_numba(x, spec, draws, mean, std)
     return augment_torch(x, spec, draws, mean, std)
@@ -90,9 +111,20 @@ def augment(x: Tensor, spec: ViewSpec, mean: Tensor, std: Tensor, generator: tor
 
 def augment_numba(x: Tensor, spec: ViewSpec, d: Draws, mean: Tensor, std: Tensor) -> Tensor:
     out = torch.empty(x.shape[0], 3, spec.size, spec.size)
-    augment_cpu(x.permute(0, 2, 3, 1).numpy(), out.numpy(), d.boxes.numpy(), d.flip.numpy(),
-                d.factors.float().numpy(), d.order.numpy(), d.apply.numpy(), d.sigma.float().numpy(),
-                spec.blur_size, spec.interpolation == "bicubic", mean.float().numpy(), std.float().numpy())
+    augment_cpu(
+        x.permute(0, 2, 3, 1).numpy(),
+        out.numpy(),
+        d.boxes.numpy(),
+        d.flip.numpy(),
+        d.factors.float().numpy(),
+        d.order.numpy(),
+        d.apply.numpy(),
+        d.sigma.float().numpy(),
+        spec.blur_size,
+        spec.interpolation == "bicubic",
+        mean.float().numpy(),
+        std.float().numpy(),
+    )
     return out
 
 
@@ -123,10 +155,18 @@ def crop_boxes(hw: tuple[int, int], b: int, spec: ViewSpec, generator: torch.Gen
     """torchvision's RandomResizedCrop.get_params per sample: (top, left, height, width), each (B,)."""
     height, width = hw
     device = generator.device
-    area = height * width * (spec.crop_scale[0] + torch.rand(b, 10, device=device, generator=generator)
-                             * (spec.crop_scale[1] - spec.crop_scale[0]))
+    area = (
+        height
+        * width
+        * (
+            spec.crop_scale[0]
+            + torch.rand(b, 10, device=device, generator=generator) * (spec.crop_scale[1] - spec.crop_scale[0])
+        )
+    )
     log_ratio = _constant(spec.crop_ratio, device).log()
-    ratio = torch.exp(log_ratio[0] + torch.rand(b, 10, device=device, generator=generator) * (log_ratio[1] - log_ratio[0]))
+    ratio = torch.exp(
+        log_ratio[0] + torch.rand(b, 10, device=device, generator=generator) * (log_ratio[1] - log_ratio[0])
+    )
     w, h = torch.sqrt(area * ratio).round(), torch.sqrt(area / ratio).round()
     ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = torch.where(ok.any(1), ok.float().argmax(1), 0)  # first acceptable of 10 tries
@@ -153,8 +193,11 @@ def resize_matrix(start: Tensor, length: Tensor, in_size: int, out_size: int, in
     t = ((j + 0.5 - center) / scale.clamp(min=1)).abs()
     if interpolation == "bicubic":
         a = BICUBIC_A
-        weight = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                             torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)))
+        weight = torch.where(
+            t < 1,
+            ((a + 2) * t - (a + 3)) * t * t + 1,
+            torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, torch.zeros_like(t)),
+        )
     elif interpolation == "bilinear":
         weight = (1 - t).clamp(min=0)
     else:
@@ -163,8 +206,9 @@ def resize_matrix(start: Tensor, length: Tensor, in_size: int, out_size: int, in
     return weight / weight.sum(-1, keepdim=True)
 
 
-def resized_crop(x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, flip: Tensor, size: int,
-                 interpolation: str) -> Tensor:
+def resized_crop(
+    x: Tensor, top: Tensor, left: Tensor, h: Tensor, w: Tensor, flip: Tensor, size: int, interpolation: str
+) -> Tensor:
     """Per-sample crop (top, left, h, w) resized to size × size, mirrored where `flip`: (B, 3, size, size)."""
     b, c, height, width = x.shape
     m_y = resize_matrix(top, h, height, size, interpolation)  # (B, S, H)
@@ -194,10 +238,12 @@ def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
 
 def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
     """torchvision's ColorJitter with per-sample factors (B, 4) applied in per-sample order (B, 4)."""
-    ops = (lambda y, f: _blend(y, torch.zeros_like(y), f),
-           lambda y, f: _blend(y, grayscale(y).mean((1, 2, 3), keepdim=True), f),
-           lambda y, f: _blend(y, grayscale(y), f),
-           adjust_hue)
+    ops = (
+        lambda y, f: _blend(y, torch.zeros_like(y), f),
+        lambda y, f: _blend(y, grayscale(y).mean((1, 2, 3), keepdim=True), f),
+        lambda y, f: _blend(y, grayscale(y), f),
+        adjust_hue,
+    )
     for step in range(4):
         for op_index, op in enumerate(ops):
             x = _where(order[:, step] == op_index, op(x, factors[:, op_index]), x)

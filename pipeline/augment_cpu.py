@@ -33,8 +33,11 @@ def _resize_weights(start, length, in_size, out_size, bicubic, flip):
         for j in range(lo, hi):
             t = abs((j - center + 0.5) / stretch)
             if bicubic:
-                w = (((BICUBIC_A + 2) * t - (BICUBIC_A + 3)) * t * t + 1.0) if t < 1.0 else \
-                    ((((t - 5.0) * t + 8.0) * t - 4.0) * BICUBIC_A if t < 2.0 else 0.0)
+                w = (
+                    (((BICUBIC_A + 2) * t - (BICUBIC_A + 3)) * t * t + 1.0)
+                    if t < 1.0
+                    else ((((t - 5.0) * t + 8.0) * t - 4.0) * BICUBIC_A if t < 2.0 else 0.0)
+                )
             else:
                 w = max(0.0, 1.0 - t)
             m[start + j, col] = w

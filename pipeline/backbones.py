@@ -29,6 +29,7 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     def __init__(self, stem: str, width: int = 64):
         super().__init__()
+        self.maxpool: nn.Module
         if stem == "cifar":
             self.conv1 = nn.Conv2d(3, width, 3, 1, 2, bias=False)
             self.maxpool = nn.Identity()
@@ -39,14 +40,12 @@ class ResNet18(nn.Module):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        widths = [width, 2 * width, 4 * width, 8 * width]
-        for i, planes in enumerate(widths):
-            in_planes = widths[max(i - 1, 0)]
-            stride = 1 if i == 0 else 2
-            setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(in_planes, planes, stride),
-                                                         BasicBlock(planes, planes, 1)))
+        self.layer1 = _layer(width, width, 1)
+        self.layer2 = _layer(width, 2 * width, 2)
+        self.layer3 = _layer(2 * width, 4 * width, 2)
+        self.layer4 = _layer(4 * width, 8 * width, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.feature_dim = widths[-1]
+        self.feature_dim = 8 * width
         for m in self.modules():  # torchvision's initialization
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -55,6 +54,10 @@ class ResNet18(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.avgpool(x).flatten(1)  # (N, 8 * width)
+
+
+def _layer(in_planes: int, planes: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1))
 
 
 def resnet18(stem: str = "cifar", width: int = 64) -> ResNet18:

@@ -38,8 +38,15 @@ def batches_per_second(batches: Iterator, count: int, warmup: int) -> float:
 
 def our_batches(run: Run, beton: Path, batch_size: int, workers: int, device: torch.device) -> Iterator:
     views, stats = run.views(), run.stats(device)
-    loader = ssl_loader(beton, batch_size, seed=0, workers=workers, device=device, crop_size=run.decoder_crop,
-                        crop_scales=[view.crop_scale for view in views])
+    loader = ssl_loader(
+        beton,
+        batch_size,
+        seed=0,
+        workers=workers,
+        device=device,
+        crop_size=run.decoder_crop,
+        crop_scales=[view.crop_scale for view in views],
+    )
     generator = torch.Generator(device).manual_seed(0)
     while True:
         for x_a, x_b, y in loader:
@@ -55,21 +62,23 @@ class _Blur:
         self.sigma = sigma
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return image.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(*self.sigma)))
+        return image.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(self.sigma[0], self.sigma[1])))
 
 
 def reference_transform(view: ViewParams, size: int, mean, std) -> Callable:
     mode = T.InterpolationMode.BICUBIC if view.interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=tuple(view.crop_scale), ratio=tuple(view.crop_ratio), interpolation=mode),
-        T.RandomApply([T.ColorJitter(*view.jitter)], p=view.jitter_p),
-        T.RandomGrayscale(p=view.grayscale_p),
-        T.RandomApply([_Blur(view.blur_sigma)], p=view.blur_p),
-        T.RandomApply([T.RandomSolarize(128, p=1.0)], p=view.solarize_p),
-        T.RandomHorizontalFlip(p=view.flip_p),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=tuple(view.crop_scale), ratio=tuple(view.crop_ratio), interpolation=mode),
+            T.RandomApply([T.ColorJitter(*view.jitter)], p=view.jitter_p),
+            T.RandomGrayscale(p=view.grayscale_p),
+            T.RandomApply([_Blur(view.blur_sigma)], p=view.blur_p),
+            T.RandomApply([T.RandomSolarize(128, p=1.0)], p=view.solarize_p),
+            T.RandomHorizontalFlip(p=view.flip_p),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 class _TwoViews(Dataset):
@@ -86,10 +95,18 @@ class _TwoViews(Dataset):
 
 
 def reference_batches(run: Run, split: Split, batch_size: int, workers: int) -> Iterator:
-    transforms = tuple(reference_transform(v, run.crop_size, run.mean, run.std)
-                       for v in (run.augmentation.view_a, run.augmentation.view_b))
-    loader = DataLoader(_TwoViews(split, transforms), batch_size, shuffle=True, drop_last=True, num_workers=workers,
-                        persistent_workers=workers > 0)
+    transforms = (
+        reference_transform(run.augmentation.view_a, run.crop_size, run.mean, run.std),
+        reference_transform(run.augmentation.view_b, run.crop_size, run.mean, run.std),
+    )
+    loader = DataLoader(
+        _TwoViews(split, transforms),
+        batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
     while True:
         yield from loader
 

@@ -14,11 +14,11 @@ from multiprocessing import Process, Queue, Value, shared_memory
 from pathlib import Path
 
 import numpy as np
-import pipeline._ffcv  # noqa: F401  (first: FFCV's fast import)
 from ffcv.fields import IntField, RGBImageField
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
 
+import pipeline._ffcv  # noqa: F401  (first: FFCV's fast import)
 from pipeline.atomic import atomic_dir
 from pipeline.datasets import get_dataset
 from pipeline.datasets.download import file_digest
@@ -87,9 +87,10 @@ class _CheckedWriter(DatasetWriter):
         so that `remove_orphan_segments` can recognize one left behind by a killed process. (A SIGKILL in
         the instant between FFCV's segment and ours would leave FFCV's: an unlikely, small leak.)"""
         super().prepare()
-        anonymous = self.metadata_sm
-        self.metadata_sm = shared_memory.SharedMemory(f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}",
-                                                      create=True, size=anonymous.size)
+        anonymous: shared_memory.SharedMemory = self.metadata_sm  # type: ignore[has-type]
+        self.metadata_sm = shared_memory.SharedMemory(
+            f"{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(4)}", create=True, size=anonymous.size
+        )
         anonymous.close()
         anonymous.unlink()
 
@@ -97,8 +98,10 @@ class _CheckedWriter(DatasetWriter):
         self.num_samples = num_samples
         with _deferred_ctrl_c() as interrupted:
             self.prepare()
-            work, allocations, errors = Queue(), Queue(), Queue()
-            workers = []
+            work: Queue = Queue()
+            allocations: Queue = Queue()
+            errors: Queue = Queue()
+            workers: list[Process] = []
             try:
                 for todo in queue_content:
                     work.put(todo)
@@ -106,10 +109,20 @@ class _CheckedWriter(DatasetWriter):
                     work.put(None)
                 done = Value("Q", 0)
                 allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-                args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
-                        *extra_worker_args)
-                workers = [Process(target=functools.partial(_report_errors, work_fn, errors), args=args)
-                           for _ in range(self.num_workers)]
+                args = (
+                    work,
+                    self.metadata_sm,
+                    self.metadata_type,
+                    self.fields,
+                    allocator,
+                    done,
+                    allocations,
+                    *extra_worker_args,
+                )
+                workers = [
+                    Process(target=functools.partial(_report_errors, work_fn, errors), args=args)
+                    for _ in range(self.num_workers)
+                ]
                 for p in workers:
                     p.start()
                 self._wait(workers, done, errors, interrupted)
@@ -195,11 +208,18 @@ def describe(name: str, data: Labeled, raw: Path, storage: dict, images: ImageSu
 
     `image_shape` is the shape stored (after FFCV's `max_resolution` resize); mean and std are those of
     the source pixels of the train split."""
-    meta = {"dataset": name, "classes": data.classes, "num_classes": len(data.classes), "storage": storage,
-            "sources_sha256": {p.name: file_digest(p, "sha256") for p in sorted(raw.iterdir()) if p.is_file()}}
+    meta = {
+        "dataset": name,
+        "classes": data.classes,
+        "num_classes": len(data.classes),
+        "storage": storage,
+        "sources_sha256": {p.name: file_digest(p, "sha256") for p in sorted(raw.iterdir()) if p.is_file()},
+    }
     for split_name, split in (("train", data.train), ("test", data.test)):
-        meta[split_name] = {"count": len(split),
-                            "per_class": np.bincount(split.labels, minlength=len(data.classes)).tolist()}
+        meta[split_name] = {
+            "count": len(split),
+            "per_class": np.bincount(split.labels, minlength=len(data.classes)).tolist(),
+        }
     meta["image_shape"] = _stored_shape(images.shape, storage.get("max_resolution"))
     meta["mean"], meta["std"] = images.mean, images.std
     return meta

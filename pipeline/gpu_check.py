@@ -10,11 +10,12 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipeline.augment import augment_torch, draw
 from pipeline.metrics import DatasetMetrics
@@ -28,9 +29,20 @@ from pipeline.step import LOGGED, Forward, backward, forward, gradient_ratio
 def check_run(params: Params, dataset: str, method: str, variant: str, width: int | None, precision: str) -> Run:
     """The run of a cell of `params` at backbone `width` (None: as params) and `precision`, without its data:
     10 classes (the online classifier's size barely matters here) and the dataset's published statistics."""
-    meta = DatasetMetrics(dataset=dataset, classes=[f"class_{k}" for k in range(10)], num_classes=10, storage={},
-                          sources_sha256={}, train={"count": 0, "per_class": [0] * 10},
-                          test={"count": 0, "per_class": [0] * 10}, image_shape=None, mean=None, std=None)
+    meta = DatasetMetrics.model_validate(
+        {
+            "dataset": dataset,
+            "classes": [f"class_{k}" for k in range(10)],
+            "num_classes": 10,
+            "storage": {},
+            "sources_sha256": {},
+            "train": {"count": 0, "per_class": [0] * 10},
+            "test": {"count": 0, "per_class": [0] * 10},
+            "image_shape": None,
+            "mean": None,
+            "std": None,
+        }
+    )
     run = make_run(params, dataset, method, variant, 0, meta, torch.device("cpu"))
     common = run.common.model_copy(update={"backbone_width": width}) if width else run.common
     return dataclasses.replace(run, precision=precision, common=common)
@@ -39,30 +51,40 @@ def check_run(params: Params, dataset: str, method: str, variant: str, width: in
 def random_batch(run: Run, batch_size: int, device: torch.device, seed: int = 0) -> tuple[Tensor, Tensor]:
     """uint8 images (N, 3, S, S) as the loader gives them (S: the crop size; the decoder crops ImageNet) and labels."""
     generator = torch.Generator(device).manual_seed(seed)
-    images = torch.randint(0, 256, (batch_size, 3, run.crop_size, run.crop_size), dtype=torch.uint8,
-                           device=device, generator=generator)
+    images = torch.randint(
+        0, 256, (batch_size, 3, run.crop_size, run.crop_size), dtype=torch.uint8, device=device, generator=generator
+    )
     return images, torch.randint(0, run.num_classes, (batch_size,), device=device, generator=generator)
 
 
-def augment_views(run: Run, images: Tensor, generator: torch.Generator, stats: tuple[Tensor, Tensor],
-                  memory_format: torch.memory_format = torch.contiguous_format) -> tuple[Tensor, Tensor]:
+def augment_views(
+    run: Run,
+    images: Tensor,
+    generator: torch.Generator,
+    stats: tuple[Tensor, Tensor],
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[Tensor, Tensor]:
     """The two augmented, normalized float32 views of uint8 `images`, as pretraining makes them on a GPU;
     `stats`: run.stats(device), made once (a copy to the device per step would make the host wait)."""
-    n, hw = len(images), tuple(images.shape[-2:])
-    views = (augment_torch(images, view, draw(n, hw, view, generator), *stats) for view in run.views())
-    return tuple(x.contiguous(memory_format=memory_format) for x in views)
+    n, hw = len(images), (images.shape[-2], images.shape[-1])
+    a, b = (
+        augment_torch(images, view, draw(n, hw, view, generator), *stats).contiguous(memory_format=memory_format)
+        for view in run.views()
+    )
+    return a, b
 
 
 class Trainer:
     """A cell's model and LARS, and pretraining's step: both views augmented on the device, forward, backward, LARS."""
 
-    def __init__(self, run: Run, device: torch.device, channels_last: bool = False, compiled: bool = False,
-                 seed: int = 0):
+    def __init__(
+        self, run: Run, device: torch.device, channels_last: bool = False, compiled: bool = False, seed: int = 0
+    ):
         torch.manual_seed(seed)
         self.run, self.device = run, device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = build_model(run).to(device).to(memory_format=self.memory_format)
-        self.trained = torch.compile(self.model) if compiled else self.model
+        self.trained = cast(nn.Module, torch.compile(self.model)) if compiled else self.model
         self.optimizer = make_optimizer(self.model, run)
         self.set_lr(1.0)
         self.parameters = list(self.model.parameters())
@@ -91,8 +113,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def images_per_second(step: Callable[[], object], batch_size: int, device: torch.device, seconds: float,
-                      warmup: int = 3, ready: Callable[[], None] = lambda: None) -> dict:
+def images_per_second(
+    step: Callable[[], object],
+    batch_size: int,
+    device: torch.device,
+    seconds: float,
+    warmup: int = 3,
+    ready: Callable[[], None] = lambda: None,
+) -> dict:
     """Images/s of `step` over about `seconds`, after `warmup` steps and `ready()` (a barrier); the host never
     waits for the device inside the timed loop, only once at its end."""
     for _ in range(warmup):
@@ -108,8 +136,9 @@ def images_per_second(step: Callable[[], object], batch_size: int, device: torch
     return {"images_per_s": steps * batch_size / elapsed, "steps": steps, "step_ms": 1000 * elapsed / steps}
 
 
-def step_rate(run: Run, batch_size: int, device: torch.device, seconds: float, channels_last: bool = False,
-              compiled: bool = False) -> dict:
+def step_rate(
+    run: Run, batch_size: int, device: torch.device, seconds: float, channels_last: bool = False, compiled: bool = False
+) -> dict:
     """Training images/s of the full step (augmentation included); compiled: also the first step's seconds."""
     trainer = Trainer(run, device, channels_last, compiled)
     images, y = random_batch(run, batch_size, device)
@@ -159,20 +188,28 @@ def precision_drift(run: Run, batch_size: int, device: torch.device, steps: int,
             rows.append(out.logged)
         logged[precision] = torch.stack(rows).double().cpu()  # (steps, len(LOGGED))
     fp32, bf16 = logged["fp32"], logged["bf16"]
-    relative = ((bf16 - fp32).abs() / fp32.abs().clamp(min=1e-12))
-    result = {"steps": steps, "finite": bool(torch.isfinite(fp32).all() and torch.isfinite(bf16).all()),
-              "mi_grad_ratio_bf16": ratios["bf16"].item(), "bf16_unit_roundoff": UNIT_ROUNDOFF["bf16"]}
+    relative = (bf16 - fp32).abs() / fp32.abs().clamp(min=1e-12)
+    result: dict[str, object] = {
+        "steps": steps,
+        "finite": bool(torch.isfinite(fp32).all() and torch.isfinite(bf16).all()),
+        "mi_grad_ratio_bf16": float(ratios["bf16"] or 0.0),
+        "bf16_unit_roundoff": UNIT_ROUNDOFF["bf16"],
+    }
     for name in ("ssl_loss", "mi_z1_z2"):
         column = LOGGED.index(name)
-        result[name] = {"fp32_last": fp32[-1, column].item(), "bf16_last": bf16[-1, column].item(),
-                        "relative_diff_first": relative[0, column].item(),
-                        "relative_diff_max": relative[:, column].max().item(),
-                        "relative_diff_last": relative[-1, column].item()}
+        result[name] = {
+            "fp32_last": fp32[-1, column].item(),
+            "bf16_last": bf16[-1, column].item(),
+            "relative_diff_first": relative[0, column].item(),
+            "relative_diff_max": relative[:, column].max().item(),
+            "relative_diff_last": relative[-1, column].item(),
+        }
     return result
 
 
-def layout_gradient_errors(run: Run, batch_size: int, device: torch.device, layouts: tuple[str, ...],
-                           tf32: tuple[bool, ...]) -> dict:
+def layout_gradient_errors(
+    run: Run, batch_size: int, device: torch.device, layouts: tuple[str, ...], tf32: tuple[bool, ...]
+) -> dict:
     """Backbone gradients of the SSL loss in fp32, contiguous or channels_last, with TF32 convolutions on or off
     (cuDNN), against float64 contiguous: relative error ‖g − g64‖ / ‖g64‖. Same weights and batch in all."""
     run = dataclasses.replace(run, precision="fp32")
@@ -182,9 +219,9 @@ def layout_gradient_errors(run: Run, batch_size: int, device: torch.device, layo
     x = augment_views(run, images, torch.Generator(device).manual_seed(0), run.stats(device))
 
     def gradient(dtype: torch.dtype, memory_format: torch.memory_format) -> Tensor:
-        copied = copy.deepcopy(model).to(dtype=dtype, memory_format=memory_format)
-        views = [v.to(dtype).contiguous(memory_format=memory_format) for v in x]
-        out = forward(copied, run, *views, y)
+        copied = copy.deepcopy(model).to(dtype=dtype).to(memory_format=memory_format)  # type: ignore[call-overload]
+        view_a, view_b = (v.to(dtype).contiguous(memory_format=memory_format) for v in x)
+        out = forward(copied, run, view_a, view_b, y)
         grads = torch.autograd.grad(out.ssl, list(copied.backbone.parameters()))
         return torch.cat([g.double().flatten() for g in grads])
 
@@ -233,20 +270,34 @@ def distributed_smoke(run: Run, batch_size: int, device: torch.device, port: int
         x = torch.randn(8, 4, device=device, requires_grad=True)
         gathered = torch.cat(dist_nn.all_gather(x))
         (gathered * 2).sum().backward()
-        result = {"all_gather_ok": torch.equal(gathered, x) and torch.equal(x.grad, torch.full_like(x, 2))}
+        result = {
+            "all_gather_ok": torch.equal(gathered, x)
+            and x.grad is not None
+            and torch.equal(x.grad, torch.full_like(x, 2))
+        }
 
         h = torch.randn(16, 8, 4, 4, device=device, requires_grad=True)
         weight = torch.rand(8, device=device, requires_grad=True)
         bias = torch.rand(8, device=device, requires_grad=True)
 
         def sync_batch_norm() -> Tensor:
-            return SyncBatchNormFunction.apply(h, weight, bias, torch.zeros(8, device=device),
-                                               torch.ones(8, device=device), 1e-5, 0.1, dist.group.WORLD, 1)
+            return SyncBatchNormFunction.apply(
+                h,
+                weight,
+                bias,
+                torch.zeros(8, device=device),
+                torch.ones(8, device=device),
+                1e-5,
+                0.1,
+                dist.group.WORLD,
+                1,
+            )
 
         synced, plain = sync_batch_norm(), F.batch_norm(h, None, None, weight, bias, training=True, eps=1e-5)
         grads = [torch.autograd.grad(out.square().sum(), (h, weight, bias)) for out in (synced, plain)]
         result["sync_batch_norm_max_abs_diff"] = max(
-            [(synced - plain).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(*grads)])
+            [(synced - plain).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(*grads)]
+        )
         torch.cuda.set_sync_debug_mode("error")
         try:
             sync_batch_norm()
@@ -265,15 +316,19 @@ def _ddp_step_difference(run: Run, batch_size: int, device: torch.device) -> flo
     images, y = random_batch(run, batch_size, device)
     plain, wrapped = Trainer(run, device), Trainer(run, device)
     wrapped.trained = torch.nn.parallel.DistributedDataParallel(
-        torch.nn.SyncBatchNorm.convert_sync_batchnorm(wrapped.model), device_ids=[device.index])
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(wrapped.model), device_ids=[device.index]
+    )
     for trainer in (plain, wrapped):
         trainer.step(images, y)
-    return max(((a - b).norm() / a.norm().clamp(min=1e-12)).item()
-               for a, b in zip(plain.model.parameters(), wrapped.model.parameters()))
+    return max(
+        ((a - b).norm() / a.norm().clamp(min=1e-12)).item()
+        for a, b in zip(plain.model.parameters(), wrapped.model.parameters())
+    )
 
 
-def loader_rate(run: Run, batch_size: int, device: torch.device, seconds: float, folder: Path,
-                count: int = 20_000) -> dict:
+def loader_rate(
+    run: Run, batch_size: int, device: torch.device, seconds: float, folder: Path, count: int = 20_000
+) -> dict:
     """Images/s of pretraining's FFCV loader (two views to the device, pipeline.loaders.ssl_loader) over `count`
     random 32-px images stored as raw pixels, like CIFAR, in `folder`. Needs FFCV."""
     from pipeline.beton import write_beton

@@ -6,8 +6,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def knn_scores(train_features: Tensor, train_labels: Tensor, test_features: Tensor, num_classes: int,
-               k: int = 200, temperature: float = 0.1, chunk_size: int = 1024) -> Tensor:
+def knn_scores(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk_size: int = 1024,
+) -> Tensor:
     """Class scores (n_test, num_classes): Σ over the k nearest training samples of exp(cos / T)."""
     train = F.normalize(train_features.float(), dim=1)  # (N, F)
     k = min(k, len(train))

@@ -53,45 +53,91 @@ def load_backbone(run: Run, checkpoint: Path | None) -> ResNet18:
     try:
         backbone.load_state_dict(weights)
     except RuntimeError as e:
-        raise UserError(f"{checkpoint}: its encoder does not fit pretrain.{run.dataset}.{run.method}.common "
-                        f"({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"{checkpoint}: its encoder does not fit pretrain.{run.dataset}.{run.method}.common "
+            f"({str(e).splitlines()[0]})"
+        ) from None
     return backbone
 
 
-def linear_eval(run: Run, backbone: ResNet18, data: Path, params: LinearEvalParams, optimizer: OptimizerParams,
-                device: torch.device) -> LinearEvalMetrics:
+def linear_eval(
+    run: Run, backbone: ResNet18, data: Path, params: LinearEvalParams, optimizer: OptimizerParams, device: torch.device
+) -> LinearEvalMetrics:
     """The three evaluations of `backbone` on the test split of `data`; a finetuned backbone is changed in place."""
     backbone = backbone.to(device)
     setting: ProtocolParams = getattr(getattr(params, run.dataset), run.method)
     mean, std = run.stats(device)
-    frozen = {split: extract_features(backbone, eval_loader(data / f"{split}.beton", setting.batch_size,
-                                                            crop_size=run.decoder_crop, device=device),
-                                      mean, std, run.precision) for split in ("train", "test")}
-    knn = knn_scores(*frozen["train"], frozen["test"][0], run.num_classes, k=params.knn.k,
-                     temperature=params.knn.temperature)
-    probe = _fit(_classifier(backbone, run, device), *feature_batches(*frozen["train"], params.probe, run, device),
-                 params.probe, optimizer, "fp32", "fast frozen probe")
+    frozen: dict[str, tuple[Tensor, Tensor]] = {
+        split: extract_features(
+            backbone,
+            eval_loader(data / f"{split}.beton", setting.batch_size, crop_size=run.decoder_crop, device=device),
+            mean,
+            std,
+            run.precision,
+        )
+        for split in ("train", "test")
+    }
+    knn = knn_scores(
+        *frozen["train"], frozen["test"][0], run.num_classes, k=params.knn.k, temperature=params.knn.temperature
+    )
+    probe = _fit(
+        _classifier(backbone, run, device),
+        *feature_batches(*frozen["train"], params.probe, run, device),
+        params.probe,
+        optimizer,
+        "fp32",
+        "fast frozen probe",
+    )
     with torch.no_grad():
         probe_scores = probe(frozen["test"][0].to(device)).cpu()
     top1, top5 = _protocol(run, backbone, setting, params, optimizer, data, frozen, device)
     result = LinearEvalMetrics(
-        dataset=run.dataset, method=run.method, variant=run.variant.name, seed=run.seed,
-        pretrained=run.variant.name != UNTRAINED, protocol=setting.protocol, epochs=setting.epochs, top1=top1,
-        top5=top5, probe_top1=topk_accuracy(probe_scores, frozen["test"][1], 1),
-        knn_top1=topk_accuracy(knn, frozen["test"][1], 1), n_train=len(frozen["train"][1]),
-        n_test=len(frozen["test"][1]))
-    log.info("%s top-1 %.4f, top-5 %.4f; frozen probe top-1 %.4f; kNN top-1 %.4f", setting.protocol, result.top1,
-             result.top5, result.probe_top1, result.knn_top1)
+        dataset=run.dataset,
+        method=run.method,
+        variant=run.variant.name,
+        seed=run.seed,
+        pretrained=run.variant.name != UNTRAINED,
+        protocol=setting.protocol,
+        epochs=setting.epochs,
+        top1=top1,
+        top5=top5,
+        probe_top1=topk_accuracy(probe_scores, frozen["test"][1], 1),
+        knn_top1=topk_accuracy(knn, frozen["test"][1], 1),
+        n_train=len(frozen["train"][1]),
+        n_test=len(frozen["test"][1]),
+    )
+    log.info(
+        "%s top-1 %.4f, top-5 %.4f; frozen probe top-1 %.4f; kNN top-1 %.4f",
+        setting.protocol,
+        result.top1,
+        result.top5,
+        result.probe_top1,
+        result.knn_top1,
+    )
     return result
 
 
-def _protocol(run: Run, backbone: ResNet18, setting: ProtocolParams, params: LinearEvalParams,
-              optimizer: OptimizerParams, data: Path, frozen: dict, device: torch.device) -> tuple[float, float]:
+def _protocol(
+    run: Run,
+    backbone: ResNet18,
+    setting: ProtocolParams,
+    params: LinearEvalParams,
+    optimizer: OptimizerParams,
+    data: Path,
+    frozen: dict[str, tuple[Tensor, Tensor]],
+    device: torch.device,
+) -> tuple[float, float]:
     """Top-1 and top-5 test accuracy of the paper's protocol."""
     classifier = _classifier(backbone, run, device)
     if setting.protocol == "features":
-        _fit(classifier, *feature_batches(*frozen["train"], setting, run, device), setting, optimizer, "fp32",
-             "features protocol")
+        _fit(
+            classifier,
+            *feature_batches(*frozen["train"], setting, run, device),
+            setting,
+            optimizer,
+            "fp32",
+            "features protocol",
+        )
         with torch.no_grad():
             logits = classifier(frozen["test"][0].to(device)).cpu()
         return topk_accuracy(logits, frozen["test"][1], 1), topk_accuracy(logits, frozen["test"][1], 5)
@@ -101,16 +147,23 @@ def _protocol(run: Run, backbone: ResNet18, setting: ProtocolParams, params: Lin
         model = nn.Sequential(backbone, classifier)
         _fit(model, batches, steps, setting, optimizer, run.precision, "finetune")
     else:
+
         def features(epoch: int):
             backbone.eval()
             for x, y in batches(epoch):
                 with torch.no_grad(), autocast(run.precision, device.type):
                     h = backbone(x)
                 yield h.float(), y
+
         _fit(classifier, features, steps, setting, optimizer, "fp32", "augmented protocol")
     mean, std = run.stats(device)
-    test = extract_features(backbone, eval_loader(data / "test.beton", setting.batch_size, crop_size=run.decoder_crop,
-                                                  device=device), mean, std, run.precision)
+    test = extract_features(
+        backbone,
+        eval_loader(data / "test.beton", setting.batch_size, crop_size=run.decoder_crop, device=device),
+        mean,
+        std,
+        run.precision,
+    )
     with torch.no_grad():
         logits = classifier(test[0].to(device)).cpu()
     return topk_accuracy(logits, test[1], 1), topk_accuracy(logits, test[1], 5)
@@ -135,21 +188,26 @@ def _classifier(backbone: ResNet18, run: Run, device: torch.device) -> nn.Linear
     return nn.Linear(backbone.feature_dim, run.num_classes).to(device)
 
 
-def feature_batches(features: Tensor, labels: Tensor, fit: FitParams, run: Run,
-                    device: torch.device) -> tuple[Batches, int]:
+def feature_batches(
+    features: Tensor, labels: Tensor, fit: FitParams, run: Run, device: torch.device
+) -> tuple[Batches, int]:
     """Shuffled batches of precomputed features (moved to `device` once), a new order each epoch."""
     features, labels = features.to(device), labels.to(device)
 
     def batches(epoch: int):
         order = torch.randperm(len(features), generator=torch.Generator().manual_seed(run.epoch_seed(epoch)))
         return ((features[i], labels[i]) for i in order.split(fit.batch_size))
+
     return batches, -(-len(features) // fit.batch_size)
 
 
-def augmented_batches(run: Run, view: ViewSpec, path: Path, batch_size: int, device: torch.device) -> tuple[Batches, int]:
+def augmented_batches(
+    run: Run, view: ViewSpec, path: Path, batch_size: int, device: torch.device
+) -> tuple[Batches, int]:
     """Normalized random resized crops + flips of the train images, drawn anew each epoch."""
-    loader = ssl_loader(path, batch_size, seed=run.seed, crop_size=run.decoder_crop, crop_scales=(view.crop_scale,),
-                        device=device)
+    loader = ssl_loader(
+        path, batch_size, seed=run.seed, crop_size=run.decoder_crop, crop_scales=(view.crop_scale,), device=device
+    )
     mean, std = run.stats(device)
 
     def batches(epoch: int):
@@ -157,17 +215,32 @@ def augmented_batches(run: Run, view: ViewSpec, path: Path, batch_size: int, dev
         generator = torch.Generator(device).manual_seed(run.epoch_seed(epoch))
         for x, y in loader:
             yield augment(x, view, mean, std, generator), y
+
     return batches, len(loader)
 
 
-def _fit(model: nn.Module, batches: Batches, steps_per_epoch: int, fit: FitParams, optimizer: OptimizerParams,
-         precision: str, description: str) -> nn.Module:
+def _fit(
+    model: nn.Module,
+    batches: Batches,
+    steps_per_epoch: int,
+    fit: FitParams,
+    optimizer: OptimizerParams,
+    precision: str,
+    description: str,
+) -> nn.Module:
     """Train `model` with cross-entropy for `fit.epochs` epochs of `batches(epoch)`; return it in eval mode."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     lr = fit.base_lr * fit.batch_size / 256
     if fit.optimizer == "lars":
-        opt: SGD = LARS(parameters, lr=lr, momentum=optimizer.momentum, weight_decay=fit.weight_decay,
-                        eta=optimizer.eta, clip_lr=optimizer.clip_lr, exclude_bias_n_norm=optimizer.exclude_bias_n_norm)
+        opt: SGD = LARS(
+            parameters,
+            lr=lr,
+            momentum=optimizer.momentum,
+            weight_decay=fit.weight_decay,
+            eta=optimizer.eta,
+            clip_lr=optimizer.clip_lr,
+            exclude_bias_n_norm=optimizer.exclude_bias_n_norm,
+        )
     else:
         opt = SGD(parameters, lr=lr, momentum=optimizer.momentum, weight_decay=fit.weight_decay)
     total = fit.epochs * steps_per_epoch
@@ -177,8 +250,9 @@ def _fit(model: nn.Module, batches: Batches, steps_per_epoch: int, fit: FitParam
             model.train()
             for step, (x, y) in enumerate(batches(epoch)):
                 for group in opt.param_groups:
-                    group["lr"] = scheduled_lr(epoch * steps_per_epoch + step, steps_per_epoch, fit, lr,
-                                               optimizer.warmup_start_lr)
+                    group["lr"] = scheduled_lr(
+                        epoch * steps_per_epoch + step, steps_per_epoch, fit, lr, optimizer.warmup_start_lr
+                    )
                 with autocast(precision, device_type):
                     loss = F.cross_entropy(model(x).float(), y)
                 opt.zero_grad(set_to_none=True)

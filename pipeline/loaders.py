@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import pipeline._ffcv  # noqa: F401  (first: FFCV's fast import)
-from ffcv.fields.decoders import (CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder,
-                                  SimpleRGBImageDecoder)
+from ffcv.fields.decoders import (
+    CenterCropRGBImageDecoder,
+    IntDecoder,
+    RandomResizedCropRGBImageDecoder,
+    SimpleRGBImageDecoder,
+)
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline import PipelineSpec
 from ffcv.pipeline.compiler import Compiler
@@ -19,6 +22,7 @@ from ffcv.reader import Reader
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
 
+import pipeline._ffcv  # noqa: F401  (first: FFCV's fast import)
 from pipeline.errors import UserError
 
 CENTER_CROP_RATIO = 224 / 256  # eval: resize 256, center crop 224 (docs/method.md section 4.1)
@@ -39,8 +43,10 @@ def check_betons(data: Path, num_classes: int, metadata: Path | str = "the metad
         path = data / f"{split}.beton"
         labels = read_labels(path)
         if labels.min() < 0 or labels.max() >= num_classes:
-            raise UserError(f"{path}: labels range over {labels.min()}..{labels.max()}, but {metadata} has "
-                            f"num_classes {num_classes}: they come from different conversions; run convert again")
+            raise UserError(
+                f"{path}: labels range over {labels.min()}..{labels.max()}, but {metadata} has "
+                f"num_classes {num_classes}: they come from different conversions; run convert again"
+            )
 
 
 def read_labels(path: Path) -> np.ndarray:
@@ -58,8 +64,10 @@ def read_labels(path: Path) -> np.ndarray:
     if version != CURRENT_VERSION:
         raise UserError(f"{path}: not an FFCV .beton file (format version {version}, expected {CURRENT_VERSION})")
     if table > size or (size - table) % ALLOC_TABLE_TYPE.itemsize:
-        raise UserError(f"{path}: truncated or corrupt: {size} bytes, but its header places the allocation table "
-                        f"at byte {table}; run convert again")
+        raise UserError(
+            f"{path}: truncated or corrupt: {size} bytes, but its header places the allocation table "
+            f"at byte {table}; run convert again"
+        )
     try:
         reader = Reader(str(path))
     except (ValueError, IndexError, KeyError, AssertionError) as e:
@@ -67,8 +75,10 @@ def read_labels(path: Path) -> np.ndarray:
     if reader.field_names != FIELDS:
         raise UserError(f"{path}: holds fields {reader.field_names}, expected {FIELDS}")
     if num_samples == 0 or len(reader.metadata) != num_samples or len(reader.alloc_table) != num_samples:
-        raise UserError(f"{path}: truncated or corrupt: the header counts {num_samples} samples, the file holds "
-                        f"{len(reader.metadata)} sample records and {len(reader.alloc_table)} images")
+        raise UserError(
+            f"{path}: truncated or corrupt: the header counts {num_samples} samples, the file holds "
+            f"{len(reader.metadata)} sample records and {len(reader.alloc_table)} images"
+        )
     if (reader.alloc_table["ptr"] + reader.alloc_table["size"]).max() > table:
         raise UserError(f"{path}: corrupt: an image lies beyond the data region; run convert again")
     return reader.metadata[f"f{FIELDS.index('label')}"].astype(np.int64)
@@ -94,38 +104,78 @@ class Batches:
             yield tuple(named[name] for name in self.names)
 
 
-def ssl_loader(path: Path, batch_size: int, *, seed: int, crop_scales: Sequence[Sequence[float]], workers: int = -1,
-               crop_size: int | None = None, device: torch.device = torch.device("cpu"), distributed: bool = False,
-               jit_min_images: int = JIT_MIN_IMAGES) -> Batches:
+def ssl_loader(
+    path: Path,
+    batch_size: int,
+    *,
+    seed: int,
+    crop_scales: Sequence[Sequence[float]],
+    workers: int = -1,
+    crop_size: int | None = None,
+    device: torch.device = torch.device("cpu"),
+    distributed: bool = False,
+    jit_min_images: int = JIT_MIN_IMAGES,
+) -> Batches:
     """Shuffled batches of (x_a, x_b, y), or (x, y) with one crop scale: views decoded from the one stored image.
 
     `crop_size=None` decodes images as stored (fixed-size data such as CIFAR); otherwise each view
     is a random resized crop (area range `crop_scales[view]`) made by the decoder. Augmentation
     proper runs on the device batch (`pipeline.augment`).
     """
+
     def view(scale: Sequence[float]) -> list:
-        decoder = (SimpleRGBImageDecoder() if crop_size is None
-                   else RandomResizedCropRGBImageDecoder((crop_size,) * 2, scale=tuple(scale)))
+        decoder = (
+            SimpleRGBImageDecoder()
+            if crop_size is None
+            else RandomResizedCropRGBImageDecoder((crop_size,) * 2, scale=tuple(scale))
+        )
         return [decoder, *_to_torch(device)]
 
     names = ["image"] + [f"image_{k}" for k in range(1, len(crop_scales))]
-    pipelines = {name: view(scale) if name == "image" else PipelineSpec("image", transforms=view(scale))
-                 for name, scale in zip(names, crop_scales)}
-    loader = _loader(path, jit_min_images, batch_size=batch_size, num_workers=workers, order=OrderOption.RANDOM,
-                     seed=seed, drop_last=True, distributed=distributed,
-                     pipelines=pipelines | {"label": _label_ops(device)})
+    pipelines = {
+        name: view(scale) if name == "image" else PipelineSpec("image", transforms=view(scale))
+        for name, scale in zip(names, crop_scales)
+    }
+    loader = _loader(
+        path,
+        jit_min_images,
+        batch_size=batch_size,
+        num_workers=workers,
+        order=OrderOption.RANDOM,
+        seed=seed,
+        drop_last=True,
+        distributed=distributed,
+        pipelines=pipelines | {"label": _label_ops(device)},
+    )
     return Batches(loader, (*names, "label"))
 
 
-def eval_loader(path: Path, batch_size: int, *, workers: int = -1, crop_size: int | None = None,
-                device: torch.device = torch.device("cpu"), distributed: bool = False,
-                jit_min_images: int = JIT_MIN_IMAGES) -> Batches:
+def eval_loader(
+    path: Path,
+    batch_size: int,
+    *,
+    workers: int = -1,
+    crop_size: int | None = None,
+    device: torch.device = torch.device("cpu"),
+    distributed: bool = False,
+    jit_min_images: int = JIT_MIN_IMAGES,
+) -> Batches:
     """Every image exactly once, in file order, as (x, y); the last batch may be smaller."""
-    decoder = (SimpleRGBImageDecoder() if crop_size is None
-               else CenterCropRGBImageDecoder((crop_size,) * 2, ratio=CENTER_CROP_RATIO))
-    loader = _loader(path, jit_min_images, batch_size=batch_size, num_workers=workers, order=OrderOption.SEQUENTIAL,
-                     drop_last=False, distributed=distributed,
-                     pipelines={"image": [decoder, *_to_torch(device)], "label": _label_ops(device)})
+    decoder = (
+        SimpleRGBImageDecoder()
+        if crop_size is None
+        else CenterCropRGBImageDecoder((crop_size,) * 2, ratio=CENTER_CROP_RATIO)
+    )
+    loader = _loader(
+        path,
+        jit_min_images,
+        batch_size=batch_size,
+        num_workers=workers,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        distributed=distributed,
+        pipelines={"image": [decoder, *_to_torch(device)], "label": _label_ops(device)},
+    )
     return Batches(loader, ("image", "label"))
 
 

@@ -3,11 +3,15 @@
 import csv
 import json
 from pathlib import Path
+from typing import TypeVar
 
 from pydantic import Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
 from pipeline.params import DatasetName, MethodName, Strict
+
+S = TypeVar("S", bound=Strict)
+C = TypeVar("C", bound="CellMetrics")
 
 
 class CellMetrics(Strict):
@@ -27,8 +31,10 @@ class EpochLog(Strict):
     epoch: int = Field(ge=1)
     ssl_loss: float
     mi_z1_z2: float = Field(description="I(Z1;Z2), matrix Rényi mutual information of features and projections.")
-    mi_z1_r_estimate: float = Field(description="SimCLR: the InfoNCE bound log(2·batch − 1) − L(h_a, h_b) on I(Z1;R); "
-                                                "Barlow Twins: −L(h_a, h_b), the reference's proxy.")
+    mi_z1_r_estimate: float = Field(
+        description="SimCLR: the InfoNCE bound log(2·batch − 1) − L(h_a, h_b) on I(Z1;R); "
+        "Barlow Twins: −L(h_a, h_b), the reference's proxy."
+    )
     entropy_z1: float = Field(description="H(Z1), matrix Rényi entropy of the features.")
     online_train_acc: float = Field(ge=0, le=1)
     lower_bound: float = Field(description="mi_z1_r_estimate − I(Z1;Z2) (the paper drops I(R;Y)).")
@@ -92,7 +98,7 @@ class DatasetMetrics(Strict):
         return self
 
 
-def read(path: Path, schema: type[Strict]) -> Strict:
+def read(path: Path, schema: type[S]) -> S:
     """The JSON file at `path` validated by `schema`; a one-line UserError naming the file otherwise."""
     try:
         return schema.model_validate(json.loads(path.read_text()))
@@ -116,7 +122,7 @@ def read_metadata(path: Path) -> DatasetMetrics:
         raise UserError(f"{e}; run convert again (it writes this file)") from None
 
 
-def collect(directory: Path, schema: type[CellMetrics], cells: list[tuple]) -> dict[tuple, CellMetrics]:
+def collect(directory: Path, schema: type[C], cells: list[tuple]) -> dict[tuple, C]:
     """The metrics of exactly `cells`, from the JSON files in `directory` (others are ignored)."""
     found = {m.cell: m for m in (read(p, schema) for p in sorted(directory.glob("*.json")))}
     if missing := [c for c in cells if c not in found]:
@@ -136,8 +142,10 @@ def read_log(path: Path) -> list[EpochLog]:
             rows = list(csv.DictReader(f))
         if not rows:
             raise ValueError("no epochs")
-        return [EpochLog(**{key: float(value) if key != "epoch" else int(value) for key, value in row.items()})
-                for row in rows]
+        return [
+            EpochLog.model_validate({key: float(value) if key != "epoch" else int(value) for key, value in row.items()})
+            for row in rows
+        ]
     except ValidationError as e:
         error = e.errors()[0]
         raise UserError(f"{path}: not a valid training log ({error['loc'][0]}: {error['msg']})") from None

@@ -11,14 +11,26 @@ from pipeline.backbones import ResNet18, resnet18
 from pipeline.errors import UserError
 from pipeline.losses import barlow_twins, nt_xent
 from pipeline.optim import LARS
+from pipeline.params import BarlowTwinsCommon, SimclrCommon
 from pipeline.projectors import HEADS, Projector
 from pipeline.run import Run
 
 Loss = Callable[[Tensor, Tensor], Tensor]
-LOSSES: dict[str, Callable[[Run], Loss]] = {
-    "simclr": lambda run: partial(nt_xent, temperature=run.common.temperature),
-    "barlow_twins": lambda run: partial(barlow_twins, offdiag_weight=run.common.offdiag_weight,
-                                        scale=run.common.loss_scale),
+
+
+def _simclr(common: SimclrCommon | BarlowTwinsCommon) -> Loss:
+    assert isinstance(common, SimclrCommon), type(common)
+    return partial(nt_xent, temperature=common.temperature)
+
+
+def _barlow_twins(common: SimclrCommon | BarlowTwinsCommon) -> Loss:
+    assert isinstance(common, BarlowTwinsCommon), type(common)
+    return partial(barlow_twins, offdiag_weight=common.offdiag_weight, scale=common.loss_scale)
+
+
+LOSSES: dict[str, Callable[[SimclrCommon | BarlowTwinsCommon], Loss]] = {
+    "simclr": _simclr,
+    "barlow_twins": _barlow_twins,
 }
 
 
@@ -44,24 +56,42 @@ def build_model(run: Run) -> SSLModel:
     it is `initial_backbone(run)`'s whatever the variant."""
     backbone = build_backbone(run)
     try:
-        head = HEADS[run.method](backbone.feature_dim, run.common.projector_hidden_dim, run.common.projector_out_dim,
-                                 run.variant.sae)
+        head = HEADS[run.method](
+            backbone.feature_dim, run.common.projector_hidden_dim, run.common.projector_out_dim, run.variant.sae
+        )
     except (RuntimeError, MemoryError) as e:  # the allocator's failure: a projector too large for this machine
-        raise UserError(f"the projector of pretrain.{run.dataset}.{run.method} (variant {run.variant.name}) does not "
-                        f"fit in memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}): lower "
-                        "projector_hidden_dim, projector_out_dim or sae_latent_dim") from None
+        raise UserError(
+            f"the projector of pretrain.{run.dataset}.{run.method} (variant {run.variant.name}) does not "
+            f"fit in memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}): lower "
+            "projector_hidden_dim, projector_out_dim or sae_latent_dim"
+        ) from None
     return SSLModel(backbone, Projector(head, run.variant.levels), run.num_classes)
 
 
 def make_optimizer(model: SSLModel, run: Run) -> LARS:
     """LARS over the backbone and projector (weight decay) and the online classifier (none); lr set per step."""
     o, c = run.optimizer, run.common
-    groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("classifier.")],
-               "base_lr": c.base_lr * c.batch_size / 256, "weight_decay": c.weight_decay},
-              {"params": list(model.classifier.parameters()),
-               "base_lr": c.classifier_lr * c.batch_size / 256, "weight_decay": 0.0}]
-    return LARS(groups, lr=0.0, momentum=o.momentum, weight_decay=c.weight_decay, eta=o.eta, clip_lr=o.clip_lr,
-                exclude_bias_n_norm=o.exclude_bias_n_norm)
+    groups = [
+        {
+            "params": [p for n, p in model.named_parameters() if not n.startswith("classifier.")],
+            "base_lr": c.base_lr * c.batch_size / 256,
+            "weight_decay": c.weight_decay,
+        },
+        {
+            "params": list(model.classifier.parameters()),
+            "base_lr": c.classifier_lr * c.batch_size / 256,
+            "weight_decay": 0.0,
+        },
+    ]
+    return LARS(
+        groups,
+        lr=0.0,
+        momentum=o.momentum,
+        weight_decay=c.weight_decay,
+        eta=o.eta,
+        clip_lr=o.clip_lr,
+        exclude_bias_n_norm=o.exclude_bias_n_norm,
+    )
 
 
 def initial_backbone(run: Run) -> ResNet18:

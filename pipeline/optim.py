@@ -43,21 +43,27 @@ class SGD:
                 p.add_(state["momentum_buffer"], alpha=-group["lr"])
 
     def direction(self, p: Tensor, group: dict) -> Tensor:
+        assert p.grad is not None, "step() skips parameters without a gradient"
         return p.grad + group["weight_decay"] * p if group["weight_decay"] else p.grad
 
     def state_dict(self) -> dict:
         """Parameters by index, as torch.optim: loadable into an optimizer over the same parameters."""
         index = {p: i for i, p in enumerate(self._parameters())}
-        return {"state": {index[p]: dict(s) for p, s in self.state.items()},
-                "param_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": [index[p] for p in g["params"]]}
-                                 for g in self.param_groups]}
+        return {
+            "state": {index[p]: dict(s) for p, s in self.state.items()},
+            "param_groups": [
+                {k: v for k, v in g.items() if k != "params"} | {"params": [index[p] for p in g["params"]]}
+                for g in self.param_groups
+            ],
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         parameters = self._parameters()
         for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
-        self.state = {parameters[i]: {k: v.to(parameters[i].device) for k, v in s.items()}
-                      for i, s in state_dict["state"].items()}
+        self.state = {
+            parameters[i]: {k: v.to(parameters[i].device) for k, v in s.items()} for i, s in state_dict["state"].items()
+        }
 
     def _parameters(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -72,13 +78,31 @@ class LARS(SGD):
     else d = g. Then buf = momentum·buf + d (buf starts as the first d) and p −= lr·buf.
     """
 
-    def __init__(self, params: Iterable, lr: float, momentum: float, weight_decay: float, eta: float, clip_lr: bool,
-                 exclude_bias_n_norm: bool, eps: float = 1e-8):
-        super().__init__(params, lr, momentum, weight_decay, eta=eta, clip_lr=clip_lr,
-                         exclude_bias_n_norm=exclude_bias_n_norm, eps=eps)
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        eta: float,
+        clip_lr: bool,
+        exclude_bias_n_norm: bool,
+        eps: float = 1e-8,
+    ):
+        super().__init__(
+            params,
+            lr,
+            momentum,
+            weight_decay,
+            eta=eta,
+            clip_lr=clip_lr,
+            exclude_bias_n_norm=exclude_bias_n_norm,
+            eps=eps,
+        )
 
     def direction(self, p: Tensor, group: dict) -> Tensor:
         d = p.grad
+        assert d is not None, "step() skips parameters without a gradient"
         if p.ndim == 1 and group["exclude_bias_n_norm"]:
             return d
         p_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
@@ -19,7 +20,10 @@ from pipeline.errors import ParamsError
 DatasetName = Literal["cifar10", "cifar100", "imagenet100", "synthetic", "folder"]
 MethodName = Literal["simclr", "barlow_twins"]
 Precision = Literal["bf16", "fp32"]
-UNIT_ROUNDOFF: dict[str, float] = {"bf16": 2.0**-8, "fp32": 2.0**-24}  # per Precision: smaller relative addends round away
+UNIT_ROUNDOFF: dict[str, float] = {
+    "bf16": 2.0**-8,
+    "fp32": 2.0**-24,
+}  # per Precision: smaller relative addends round away
 UNTRAINED = "untrained"  # the variant name of the encoder before pretraining: the report's reference level
 Probability = Annotated[float, Field(ge=0, le=1)]
 Positive = Annotated[float, Field(gt=0)]
@@ -36,9 +40,7 @@ class ArchiveParams(Strict):
 
     url: Url = Field(description="Archive URL; a mirror or a local server works the same.")
     md5: Md5 = Field(description="MD5 of the whole archive, checked before anything is extracted.")
-    member_md5: dict[str, Md5] = Field(
-        description="MD5 of extracted members by file name ({} checks none)."
-    )
+    member_md5: dict[str, Md5] = Field(description="MD5 of extracted members by file name ({} checks none).")
 
 
 class ImageTreeParams(Strict):
@@ -100,7 +102,8 @@ class ViewParams(Strict):
     interpolation: Literal["bicubic", "bilinear"]
     flip_p: Probability
     jitter: list[Annotated[float, Field(ge=0)]] = Field(
-        min_length=4, max_length=4, description="Colour jitter strengths: brightness, contrast, saturation, hue.")
+        min_length=4, max_length=4, description="Colour jitter strengths: brightness, contrast, saturation, hue."
+    )
     jitter_p: Probability
     grayscale_p: Probability
     blur_p: Probability
@@ -128,8 +131,11 @@ class CommonParams(Strict):
     backbone_width: int = Field(ge=1, le=256, description="ResNet-18 base width: 64 is the paper's.")
     projector_hidden_dim: int = Field(ge=1, le=65_536)
     projector_out_dim: int = Field(ge=1, le=65_536)
-    renyi_alpha: int = Field(ge=2, le=8, description="α of the matrix Rényi entropy (the regularizer and the "
-                                                     "logged I(Z1;Z2) of every variant).")
+    renyi_alpha: int = Field(
+        ge=2,
+        le=8,
+        description="α of the matrix Rényi entropy (the regularizer and the logged I(Z1;Z2) of every variant).",
+    )
 
 
 class SimclrCommon(CommonParams):
@@ -146,10 +152,14 @@ class VariantParams(Strict):
     (docs/method.md section 1; any combination). `{}` is the baseline."""
 
     mi_weight: Positive | None = Field(None, description="λ: add λ · I(Z1;Z2) to the loss (docs/method.md 3.3).")
-    mi_grad_fp32: bool | None = Field(None, description=(
-        "Under bf16, give λ·I(Z1;Z2) its own backward pass so that its gradient is added to the SSL gradient "
-        "in fp32 (the weights' .grad) instead of being rounded away where the two meet in bf16 tensors; one "
-        "more backward pass per step. false: one backward of the summed loss, as the reference code."))
+    mi_grad_fp32: bool | None = Field(
+        None,
+        description=(
+            "Under bf16, give λ·I(Z1;Z2) its own backward pass so that its gradient is added to the SSL gradient "
+            "in fp32 (the weights' .grad) instead of being rounded away where the two meet in bf16 tensors; one "
+            "more backward pass per step. false: one backward of the summed loss, as the reference code."
+        ),
+    )
     levels: int | None = Field(None, ge=2, le=1000, description="L: quantize the projector output to L values (3.4).")
     sae_latent_dim: int | None = Field(None, ge=1, le=1_000_000, description="d: sparse-autoencoder projector (3.5).")
     sae_topk: int | None = Field(None, ge=1, description="k: latents the sparse autoencoder keeps per sample.")
@@ -160,7 +170,7 @@ class VariantParams(Strict):
             raise ValueError("mi_weight and mi_grad_fp32 go together (the MI regularizer's two knobs)")
         if (self.sae_latent_dim is None) != (self.sae_topk is None):
             raise ValueError("sae_latent_dim and sae_topk go together (the sparse autoencoder's two knobs)")
-        if self.sae_topk is not None and self.sae_topk > self.sae_latent_dim:
+        if self.sae_topk is not None and self.sae_latent_dim is not None and self.sae_topk > self.sae_latent_dim:
             raise ValueError(f"sae_topk ({self.sae_topk}) must be at most sae_latent_dim ({self.sae_latent_dim})")
         return self
 
@@ -220,7 +230,8 @@ class FitParams(Strict):
     base_lr: Positive = Field(description="lr for batch 256; scaled by batch_size / 256 (as solo-learn).")
     weight_decay: Annotated[float, Field(ge=0)]
     schedule: Literal["warmup_cosine", "step"] = Field(
-        description="warmup-cosine per step, or ×0.1 at each of `lr_decay_epochs`.")
+        description="warmup-cosine per step, or ×0.1 at each of `lr_decay_epochs`."
+    )
     warmup_epochs: int = Field(ge=0, description="Linear warmup before the cosine (warmup_cosine).")
     lr_decay_epochs: list[Annotated[int, Field(ge=1)]] = Field(description="Epochs where the lr drops ×0.1 (step).")
 
@@ -228,10 +239,13 @@ class FitParams(Strict):
 class ProtocolParams(FitParams):
     """The paper's linear evaluation of one method on one dataset (docs/method.md 4.1)."""
 
-    protocol: Literal["finetune", "augmented", "features"] = Field(description=(
-        "finetune: backbone and classifier trained on random crops + flips (the reference's default); "
-        "augmented: frozen backbone (eval mode), classifier on random crops + flips; "
-        "features: classifier on features of the plain train images, computed once."))
+    protocol: Literal["finetune", "augmented", "features"] = Field(
+        description=(
+            "finetune: backbone and classifier trained on random crops + flips (the reference's default); "
+            "augmented: frozen backbone (eval mode), classifier on random crops + flips; "
+            "features: classifier on features of the plain train images, computed once."
+        )
+    )
 
 
 class EvalMethods(Strict):
@@ -278,15 +292,23 @@ def _cross_check(params: Params) -> list[str]:
         for method in MethodsParams.model_fields:
             cell, key = getattr(getattr(params.pretrain, dataset), method), f"pretrain.{dataset}.{method}"
             if cell.common.augmentation not in params.augmentations:
-                problems.append(f"{key}.common.augmentation: {cell.common.augmentation!r} is not defined under "
-                                f"augmentations{_did_you_mean(cell.common.augmentation, list(params.augmentations))}")
+                problems.append(
+                    f"{key}.common.augmentation: {cell.common.augmentation!r} is not defined under "
+                    f"augmentations{_did_you_mean(cell.common.augmentation, list(params.augmentations))}"
+                )
             problems += _warmup_fits(f"{key}.common", cell.common.warmup_epochs, cell.common.epochs)
-            problems += [f"{key}.variants.{name}: the name is reserved for the report's untrained encoder"
-                         for name in cell.variants if name == UNTRAINED]
+            problems += [
+                f"{key}.variants.{name}: the name is reserved for the report's untrained encoder"
+                for name in cell.variants
+                if name == UNTRAINED
+            ]
             if dataset in experiment.datasets and method in experiment.methods:
-                problems += [f"experiment.variants: {name!r} is not defined under {key}.variants"
-                             f"{_did_you_mean(name, list(cell.variants))}"
-                             for name in experiment.variants if name not in cell.variants]
+                problems += [
+                    f"experiment.variants: {name!r} is not defined under {key}.variants"
+                    f"{_did_you_mean(name, list(cell.variants))}"
+                    for name in experiment.variants
+                    if name not in cell.variants
+                ]
             fit = getattr(getattr(params.linear_eval, dataset), method)
             problems += _fit_fits(f"linear_eval.{dataset}.{method}", fit)
     return problems + _fit_fits("linear_eval.probe", params.linear_eval.probe)
@@ -301,8 +323,9 @@ def _warmup_fits(key: str, warmup_epochs: int, epochs: int) -> list[str]:
 def _fit_fits(key: str, fit: FitParams) -> list[str]:
     problems = _warmup_fits(key, fit.warmup_epochs, fit.epochs)
     if fit.lr_decay_epochs != sorted(set(fit.lr_decay_epochs)) or any(e >= fit.epochs for e in fit.lr_decay_epochs):
-        problems.append(f"{key}.lr_decay_epochs: found {fit.lr_decay_epochs}; must be increasing and below epochs "
-                        f"({fit.epochs})")
+        problems.append(
+            f"{key}.lr_decay_epochs: found {fit.lr_decay_epochs}; must be increasing and below epochs ({fit.epochs})"
+        )
     if fit.schedule == "step" and not fit.lr_decay_epochs:
         problems.append(f"{key}.lr_decay_epochs: empty; the step schedule needs at least one epoch to decay at")
     return problems
@@ -347,8 +370,9 @@ def _read_text(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ParamsError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                          "save it as UTF-8") from None
+        raise ParamsError(
+            f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
 
 
 def _refuse_alias_bombs(path: Path, data: object) -> None:
@@ -368,8 +392,10 @@ def _refuse_alias_bombs(path: Path, data: object) -> None:
         open_nodes.add(id(node))
         total = 1 + sum(size(child) for child in (node.values() if isinstance(node, dict) else node))
         if total > MAX_PARAMS_VALUES:
-            raise ParamsError(f"{path}: its YAML aliases expand to more than {MAX_PARAMS_VALUES} values; "
-                              "write the values out instead of nesting aliases")
+            raise ParamsError(
+                f"{path}: its YAML aliases expand to more than {MAX_PARAMS_VALUES} values; "
+                "write the values out instead of nesting aliases"
+            )
         open_nodes.discard(id(node))
         sizes[id(node)] = total
         return total
@@ -383,11 +409,12 @@ def _fail(path: Path, problems: list[str]):
     if len(problems) == 1:
         raise ParamsError(first) from None
     more = len(problems) - 1
-    raise ParamsError(f"{first} (and {more} more problem{'s' if more > 1 else ''})\n  "
-                      + "\n  ".join(problems)) from None
+    raise ParamsError(
+        f"{first} (and {more} more problem{'s' if more > 1 else ''})\n  " + "\n  ".join(problems)
+    ) from None
 
 
-def _describe(err: dict) -> str:
+def _describe(err: ErrorDetails) -> str:
     """One line per problem: key path, what was found, what is allowed."""
     loc = err["loc"]
     key = ".".join(str(part) for part in loc) or "(top level)"

@@ -7,9 +7,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-CURVES = (("mi_z1_z2", "I(Z1;Z2)"), ("lower_bound", "lower bound I(Z1;R) − I(Z1;Z2)"),
-          ("upper_bound", "upper bound H(Z1) − I(Z1;Z2)"), ("ssl_loss", "SSL loss"),
-          ("online_test_acc", "online test accuracy"), ("mi_grad_ratio", "‖λ∂I/∂h‖ / ‖∂L/∂h‖"))  # log.csv columns
+CURVES = (
+    ("mi_z1_z2", "I(Z1;Z2)"),
+    ("lower_bound", "lower bound I(Z1;R) − I(Z1;Z2)"),
+    ("upper_bound", "upper bound H(Z1) − I(Z1;Z2)"),
+    ("ssl_loss", "SSL loss"),
+    ("online_test_acc", "online test accuracy"),
+    ("mi_grad_ratio", "‖λ∂I/∂h‖ / ‖∂L/∂h‖"),
+)  # log.csv columns
 
 
 def training_curves(histories: dict[str, list[dict]], title: str, path: Path) -> None:
@@ -32,8 +37,10 @@ def gains_chart(rows: list[dict], path: Path) -> None:
     gains = [r for r in rows if r["metric"] == "top1" and "gain" in r]
     figure, axis = plt.subplots(figsize=(max(4.0, 0.6 * len(gains) + 2), 3.5), constrained_layout=True)
     positions = range(len(gains))
-    errors = [[r["gain"] - r["gain_low"] if r["gain_low"] is not None else 0 for r in gains],
-              [r["gain_high"] - r["gain"] if r["gain_high"] is not None else 0 for r in gains]]
+    errors = [
+        [r["gain"] - r["gain_low"] if r["gain_low"] is not None else 0 for r in gains],
+        [r["gain_high"] - r["gain"] if r["gain_high"] is not None else 0 for r in gains],
+    ]
     axis.bar(positions, [r["gain"] for r in gains], yerr=errors, capsize=3, color="tab:blue")
     axis.axhline(0, color="black", linewidth=0.8)
     axis.set_xticks(list(positions), [f"{r['dataset']}\n{r['method']}\n{r['variant']}" for r in gains], fontsize=7)

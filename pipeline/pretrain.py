@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -32,8 +33,9 @@ log = logging.getLogger(__name__)
 SYNC_EVERY = 20  # steps between reads of the logged values (progress, non-finite check): one host sync each
 
 
-def pretrain(run: Run, training: TrainingParams, data: Path, out: Path, device: torch.device,
-             code_version: str) -> PretrainMetrics:
+def pretrain(
+    run: Run, training: TrainingParams, data: Path, out: Path, device: torch.device, code_version: str
+) -> PretrainMetrics:
     """Train, writing `out/checkpoint.pt` and `out/log.csv` after every epoch; return the last epoch's metrics.
 
     An existing checkpoint of the same config is resumed from its last completed epoch.
@@ -46,32 +48,55 @@ def pretrain(run: Run, training: TrainingParams, data: Path, out: Path, device: 
     start_epoch, history = _resume(out / "checkpoint.pt", run, model, optimizer)
     trained = _distributed(model, device)
     if training.compile:
-        trained = torch.compile(trained)
+        trained = cast(nn.Module, torch.compile(trained))
     if run.common.batch_size % world_size():
         raise UserError(f"batch_size {run.common.batch_size} does not split evenly over {world_size()} processes")
-    loader = ssl_loader(data / "train.beton", run.common.batch_size // world_size(), seed=run.seed,
-                        workers=training.loader_workers, crop_size=run.decoder_crop, device=device,
-                        crop_scales=tuple(tuple(v.crop_scale) for v in (run.augmentation.view_a, run.augmentation.view_b)),
-                        distributed=world_size() > 1)
+    loader = ssl_loader(
+        data / "train.beton",
+        run.common.batch_size // world_size(),
+        seed=run.seed,
+        workers=training.loader_workers,
+        crop_size=run.decoder_crop,
+        device=device,
+        crop_scales=tuple(tuple(v.crop_scale) for v in (run.augmentation.view_a, run.augmentation.view_b)),
+        distributed=world_size() > 1,
+    )
     if len(loader) == 0:
         raise UserError(f"batch_size {run.common.batch_size} is larger than the training set")
-    test = eval_loader(data / "test.beton", training.eval_batch_size, workers=training.loader_workers,
-                       crop_size=run.decoder_crop, device=device)
+    test = eval_loader(
+        data / "test.beton",
+        training.eval_batch_size,
+        workers=training.loader_workers,
+        crop_size=run.decoder_crop,
+        device=device,
+    )
     for epoch in range(start_epoch, run.common.epochs):
         loader.set_epoch(epoch)
         row = _train_epoch(trained, model, loader, optimizer, run, epoch, start_epoch, memory_format, device)
         row = row.model_copy(update={"online_test_acc": evaluate(model, test, run, device)})
         history.append(row)
-        log.info("epoch %d/%d: %s", epoch + 1, run.common.epochs,
-                 ", ".join(f"{k} {v:.4g}" for k, v in row.model_dump().items() if k != "epoch"))
+        log.info(
+            "epoch %d/%d: %s",
+            epoch + 1,
+            run.common.epochs,
+            ", ".join(f"{k} {v:.4g}" for k, v in row.model_dump().items() if k != "epoch"),
+        )
         if is_rank0():
             _save(out, model, optimizer, run, history, code_version)
     if is_rank0() and start_epoch == run.common.epochs:  # a finished run resumed: DVC removed log.csv before the stage
         _write_log(out, history)
-    return PretrainMetrics(dataset=run.dataset, method=run.method, variant=run.variant.name, seed=run.seed,
-                           epochs=run.common.epochs, precision=run.precision, mi_weight=run.variant.mi_weight,
-                           mi_grad_fp32=run.variant.mi_grad_fp32,
-                           mi_grad_ratio_max=max(row.mi_grad_ratio for row in history), **history[-1].model_dump())
+    return PretrainMetrics(
+        dataset=run.dataset,
+        method=run.method,
+        variant=run.variant.name,
+        seed=run.seed,
+        epochs=run.common.epochs,
+        precision=run.precision,
+        mi_weight=run.variant.mi_weight,
+        mi_grad_fp32=run.variant.mi_grad_fp32,
+        mi_grad_ratio_max=max(row.mi_grad_ratio for row in history),
+        **history[-1].model_dump(),
+    )
 
 
 def _distributed(model: SSLModel, device: torch.device) -> nn.Module:
@@ -81,11 +106,22 @@ def _distributed(model: SSLModel, device: torch.device) -> nn.Module:
         return model
     if device.type != "cuda":
         return nn.parallel.DistributedDataParallel(model)
-    return nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device.index])
+    return nn.parallel.DistributedDataParallel(
+        nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device.index]
+    )
 
 
-def _train_epoch(trained: nn.Module, model: SSLModel, loader: Batches, optimizer: LARS, run: Run, epoch: int,
-                 start_epoch: int, memory_format: torch.memory_format, device: torch.device) -> EpochLog:
+def _train_epoch(
+    trained: nn.Module,
+    model: SSLModel,
+    loader: Batches,
+    optimizer: LARS,
+    run: Run,
+    epoch: int,
+    start_epoch: int,
+    memory_format: torch.memory_format,
+    device: torch.device,
+) -> EpochLog:
     steps = len(loader)
     total_steps, warmup_steps = run.common.epochs * steps, run.common.warmup_epochs * steps
     views, stats = run.views(), run.stats(device)
@@ -97,10 +133,13 @@ def _train_epoch(trained: nn.Module, model: SSLModel, loader: Batches, optimizer
     with progress(f"epoch {epoch + 1}/{run.common.epochs}", steps, "steps") as advance:
         for step, (x_a, x_b, y) in enumerate(loader):
             for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine(epoch * steps + step, total_steps, warmup_steps, group["base_lr"],
-                                            run.optimizer.warmup_start_lr)
-            x_a, x_b = (augment(x, view, *stats, generator).contiguous(memory_format=memory_format)
-                        for x, view in zip((x_a, x_b), views))
+                group["lr"] = warmup_cosine(
+                    epoch * steps + step, total_steps, warmup_steps, group["base_lr"], run.optimizer.warmup_start_lr
+                )
+            x_a, x_b = (
+                augment(x, view, *stats, generator).contiguous(memory_format=memory_format)
+                for x, view in zip((x_a, x_b), views)
+            )
             out = forward(trained, run, x_a, x_b, y)
             if step == 0:
                 ratio = gradient_ratio(out, run)
@@ -115,20 +154,31 @@ def _train_epoch(trained: nn.Module, model: SSLModel, loader: Batches, optimizer
                 rows = torch.stack(pending).tolist()  # the one host sync of SYNC_EVERY steps
                 _check_finite(rows, epoch, step + 1 - len(rows))
                 sums = [total + sum(column) for total, column in zip(sums, zip(*rows))]
-                advance(len(rows), f"loss {sums[0] / (step + 1):.4f}  {seen / (time.perf_counter() - start):.0f} images/s")
+                advance(
+                    len(rows), f"loss {sums[0] / (step + 1):.4f}  {seen / (time.perf_counter() - start):.0f} images/s"
+                )
                 pending = []
     means = {name: total / steps for name, total in zip(LOGGED, sums)}
-    return EpochLog(epoch=epoch + 1, **means, lower_bound=means["mi_z1_r_estimate"] - means["mi_z1_z2"],
-                    upper_bound=means["entropy_z1"] - means["mi_z1_z2"], mi_grad_ratio=ratio.item(),
-                    online_test_acc=0.0, lr=optimizer.param_groups[0]["lr"], images_per_s=seen / (time.perf_counter() - start))
+    return EpochLog(
+        epoch=epoch + 1,
+        **means,
+        lower_bound=means["mi_z1_r_estimate"] - means["mi_z1_z2"],
+        upper_bound=means["entropy_z1"] - means["mi_z1_z2"],
+        mi_grad_ratio=ratio.item(),
+        online_test_acc=0.0,
+        lr=optimizer.param_groups[0]["lr"],
+        images_per_s=seen / (time.perf_counter() - start),
+    )
 
 
 def _check_finite(rows: list[list[float]], epoch: int, first_step: int) -> None:
     """Stop on a non-finite loss in `rows` (steps × LOGGED, from step `first_step` on, 0-based)."""
     for step, row in enumerate(rows, first_step + 1):
         if not math.isfinite(row[0]):
-            raise UserError(f"non-finite loss at epoch {epoch + 1}, step {step}: stopping; the last good checkpoint "
-                            "is kept (lower the learning rate or check the data)")
+            raise UserError(
+                f"non-finite loss at epoch {epoch + 1}, step {step}: stopping; the last good checkpoint "
+                "is kept (lower the learning rate or check the data)"
+            )
 
 
 @torch.no_grad()
@@ -163,9 +213,17 @@ def _resume(path: Path, run: Run, model: SSLModel, optimizer: LARS) -> tuple[int
 def _save(out: Path, model: SSLModel, optimizer: LARS, run: Run, history: list[EpochLog], code_version: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "checkpoint.pt") as staging:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": history[-1].epoch,
-                    "history": [row.model_dump() for row in history], "config": run.config(),
-                    "code_version": code_version}, staging)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": history[-1].epoch,
+                "history": [row.model_dump() for row in history],
+                "config": run.config(),
+                "code_version": code_version,
+            },
+            staging,
+        )
     _write_log(out, history)
 
 

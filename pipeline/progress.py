@@ -6,8 +6,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress,
-                           TaskProgressColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -18,8 +26,14 @@ def progress(description: str, total: float | None, unit: str = "items") -> Iter
     With `unit="bytes"` the bar shows sizes and transfer speed."""
     if sys.stderr.isatty():
         counts = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(),)
-        columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), *counts, TimeRemainingColumn(),
-                   TextColumn("{task.fields[status]}"))
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            *counts,
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+        )
         with Progress(*columns, transient=False) as bar:
             task = bar.add_task(description, total=total, status="")
             yield lambda n, status="": bar.update(task, advance=n, status=status)

@@ -73,8 +73,13 @@ def barlow_twins_head(in_dim: int, hidden_dim: int, out_dim: int, sae: tuple[int
     first = [nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
     if sae:
         return nn.Sequential(*first, SparseAutoencoder(hidden_dim, *sae))
-    return nn.Sequential(*first, nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(
+        *first,
+        nn.Linear(hidden_dim, hidden_dim),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )
 
 
 HEADS: dict[str, Callable[..., nn.Module]] = {"simclr": simclr_head, "barlow_twins": barlow_twins_head}

@@ -9,6 +9,7 @@ import csv
 import itertools
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,12 @@ from pipeline.params import UNIT_ROUNDOFF, UNTRAINED, ExperimentParams
 from pipeline.plots import gains_chart, training_curves
 
 Cell = tuple[str, str, str, int]  # dataset, method, variant, seed
-METRICS = {"top1": "Linear evaluation top-1, the paper's protocol", "probe_top1": "Fast frozen linear probe top-1",
-           "knn_top1": "kNN top-1", "online_test_acc": "Online linear top-1 (during pretraining)"}
+METRICS = {
+    "top1": "Linear evaluation top-1, the paper's protocol",
+    "probe_top1": "Fast frozen linear probe top-1",
+    "knn_top1": "kNN top-1",
+    "online_test_acc": "Online linear top-1 (during pretraining)",
+}
 LOG = "{dataset}/{method}/{variant}/seed{seed}/log.csv"  # how `runs` is laid out: given by the caller
 
 
@@ -50,7 +55,7 @@ class Gain:
             return "same sign, no spread (n=1)" if self.mean > 0 else "opposite sign, no spread (n=1)"
         if self.low > 0:
             return "agrees"
-        return "disagrees" if self.high < 0 else "inconclusive"
+        return "disagrees" if self.high is not None and self.high < 0 else "inconclusive"
 
     def text(self) -> str:
         interval = f" [{self.low:+.2f}, {self.high:+.2f}]" if self.low is not None else ""
@@ -71,26 +76,40 @@ def paired_gain(variant: dict[int, float], baseline: dict[int, float]) -> Gain:
     return Gain(mean, mean - half, mean + half, len(seeds))
 
 
-def build_tables(values: dict[str, dict[Cell, float]], reference: dict, variants: list[str],
-                 protocols: dict[tuple[str, str], str]) -> dict:
+def build_tables(
+    values: dict[str, dict[Cell, float]], reference: dict, variants: list[str], protocols: Mapping[tuple[str, str], str]
+) -> dict:
     """`values[metric][cell]` in percent, the untrained encoder's cells under the variant UNTRAINED -> one row
     per (metric, dataset, method, variant), gains over the baseline paired by seed."""
     rows = []
     for metric, by_cell in values.items():
         for dataset, method in sorted({(d, m) for d, m, _, _ in by_cell}):
-            seeds = {v: {s: x for (d, m, vv, s), x in by_cell.items() if (d, m, vv) == (dataset, method, v)}
-                     for v in (UNTRAINED, *variants)}
+            seeds = {
+                v: {s: x for (d, m, vv, s), x in by_cell.items() if (d, m, vv) == (dataset, method, v)}
+                for v in (UNTRAINED, *variants)
+            }
             for variant in (UNTRAINED, *variants):
                 if not seeds[variant]:
                     continue
                 summary = summarize(list(seeds[variant].values()))
-                row = {"metric": metric, "dataset": dataset, "method": method, "variant": variant,
-                       "protocol": protocols[dataset, method] if metric == "top1" else None,
-                       "mean": summary.mean, "std": summary.std, "n": summary.n}
+                row = {
+                    "metric": metric,
+                    "dataset": dataset,
+                    "method": method,
+                    "variant": variant,
+                    "protocol": protocols[dataset, method] if metric == "top1" else None,
+                    "mean": summary.mean,
+                    "std": summary.std,
+                    "n": summary.n,
+                }
                 if variant not in (UNTRAINED, "baseline") and seeds.get("baseline"):
                     gain = paired_gain(seeds[variant], seeds["baseline"])
-                    row |= {"gain": gain.mean, "gain_low": gain.low, "gain_high": gain.high,
-                            "agreement": gain.agreement() if metric == "top1" else None}
+                    row |= {
+                        "gain": gain.mean,
+                        "gain_low": gain.low,
+                        "gain_high": gain.high,
+                        "agreement": gain.agreement() if metric == "top1" else None,
+                    }
                 paper = reference.get(dataset, {}).get(method, {}).get(variant, {}) if metric == "top1" else {}
                 row |= {"paper_top1": paper.get("top1"), "paper_gain": paper.get("gain")}
                 rows.append(row)
@@ -111,47 +130,84 @@ def regularizer_rows(pretrained: dict[Cell, PretrainMetrics]) -> list[dict]:
         ratio, first = max(m.mi_grad_ratio_max for m in runs), runs[0]
         resolution = UNIT_ROUNDOFF[first.precision]
         separate = first.mi_grad_fp32 and first.precision != "fp32"
-        verdict = ("kept: its gradient is added in fp32" if separate else "acts" if ratio >= resolution else
-                   f"ROUNDED AWAY in {first.precision}: this variant reruns its baseline; set mi_grad_fp32: true")
-        rows.append({"dataset": dataset, "method": method, "variant": variant, "mi_weight": first.mi_weight,
-                     "precision": first.precision, "mi_grad_fp32": first.mi_grad_fp32, "ratio_max": ratio,
-                     "resolution": resolution, "verdict": verdict})
+        verdict = (
+            "kept: its gradient is added in fp32"
+            if separate
+            else "acts"
+            if ratio >= resolution
+            else f"ROUNDED AWAY in {first.precision}: this variant reruns its baseline; set mi_grad_fp32: true"
+        )
+        rows.append(
+            {
+                "dataset": dataset,
+                "method": method,
+                "variant": variant,
+                "mi_weight": first.mi_weight,
+                "precision": first.precision,
+                "mi_grad_fp32": first.mi_grad_fp32,
+                "ratio_max": ratio,
+                "resolution": resolution,
+                "verdict": verdict,
+            }
+        )
     return rows
 
 
 def markdown(tables: dict, variants: list[str], claim: str) -> str:
-    lines = ["# Results", "", f"The paper's claim: {claim}", "",
-             "Every table has the untrained encoder (the initial weights of each seed's pretraining, through the "
-             "same evaluation) as the reference level: a variant below it has learned nothing.", ""]
+    lines = [
+        "# Results",
+        "",
+        f"The paper's claim: {claim}",
+        "",
+        "Every table has the untrained encoder (the initial weights of each seed's pretraining, through the "
+        "same evaluation) as the reference level: a variant below it has learned nothing.",
+        "",
+    ]
     for metric, title in METRICS.items():
         rows = [r for r in tables["rows"] if r["metric"] == metric]
         if not rows:
             continue
         columns = [v for v in (UNTRAINED, *variants) if any(r["variant"] == v for r in rows)]
         protocol = metric == "top1"
-        lines += [f"## {title} (%), mean ± std over seeds", "",
-                  "| dataset | method | " + ("protocol | " if protocol else "") + " | ".join(columns) + " |",
-                  "|---|---|" + ("---|" if protocol else "") + "---|" * len(columns)]
+        lines += [
+            f"## {title} (%), mean ± std over seeds",
+            "",
+            "| dataset | method | " + ("protocol | " if protocol else "") + " | ".join(columns) + " |",
+            "|---|---|" + ("---|" if protocol else "") + "---|" * len(columns),
+        ]
         for dataset, method in dict.fromkeys((r["dataset"], r["method"]) for r in rows):
             cells = {r["variant"]: r for r in rows if (r["dataset"], r["method"]) == (dataset, method)}
             first = f"{cells[columns[-1]]['protocol']} | " if protocol else ""
-            lines.append(f"| {dataset} | {method} | {first}" + " | ".join(_cell_text(cells.get(v)) for v in columns)
-                         + " |")
+            lines.append(
+                f"| {dataset} | {method} | {first}" + " | ".join(_cell_text(cells.get(v)) for v in columns) + " |"
+            )
         lines.append("")
-    lines += ["## Gains in the paper's linear top-1 over the baseline (points), 95% interval paired by seed", "",
-              "| dataset | method | variant | gain | paper's gain | agreement with the paper |", "|---|---|---|---|---|---|"]
+    lines += [
+        "## Gains in the paper's linear top-1 over the baseline (points), 95% interval paired by seed",
+        "",
+        "| dataset | method | variant | gain | paper's gain | agreement with the paper |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in tables["rows"]:
         if r["metric"] == "top1" and "gain" in r:
             gain = Gain(r["gain"], r["gain_low"], r["gain_high"], r["n"])
             paper = f"{r['paper_gain']:+.2f}" if r["paper_gain"] is not None else "not available"
-            lines.append(f"| {r['dataset']} | {r['method']} | {r['variant']} | {gain.text()} | {paper} | "
-                         f"{r['agreement']} |")
+            lines.append(
+                f"| {r['dataset']} | {r['method']} | {r['variant']} | {gain.text()} | {paper} | {r['agreement']} |"
+            )
     if tables["regularizer"]:
-        lines += ["", "## Can the MI regularizer act? Its gradient against the SSL gradient at h", "",
-                  "| dataset | method | variant | λ | precision | largest ratio | unit roundoff | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['dataset']} | {r['method']} | {r['variant']} | {r['mi_weight']:g} | {r['precision']} | "
-                  f"{r['ratio_max']:.2e} | {r['resolution']:.1e} | {r['verdict']} |" for r in tables["regularizer"]]
+        lines += [
+            "",
+            "## Can the MI regularizer act? Its gradient against the SSL gradient at h",
+            "",
+            "| dataset | method | variant | λ | precision | largest ratio | unit roundoff | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['dataset']} | {r['method']} | {r['variant']} | {r['mi_weight']:g} | {r['precision']} | "
+            f"{r['ratio_max']:.2e} | {r['resolution']:.1e} | {r['verdict']} |"
+            for r in tables["regularizer"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -164,8 +220,15 @@ def _cell_text(row: dict | None) -> str:
     return text
 
 
-def write_report(experiment: ExperimentParams, pretrain_metrics: Path, linear_metrics: Path, untrained_metrics: Path,
-                 logs: Path, reference: Path, out: Path) -> None:
+def write_report(
+    experiment: ExperimentParams,
+    pretrain_metrics: Path,
+    linear_metrics: Path,
+    untrained_metrics: Path,
+    logs: Path,
+    reference: Path,
+    out: Path,
+) -> None:
     """`out/`: results.md, results.csv, results.json, curves-<dataset>-<method>.png, gains.png.
 
     `logs / LOG` (formatted with a cell's dataset, method, variant and seed) is each run's log.csv."""
@@ -173,16 +236,22 @@ def write_report(experiment: ExperimentParams, pretrain_metrics: Path, linear_me
     cells = [(d, m, v, s) for (d, m), v, s in itertools.product(settings, experiment.variants, experiment.seeds)]
     untrained = [(d, m, UNTRAINED, s) for (d, m), s in itertools.product(settings, experiment.seeds)]
     pretrained = collect(pretrain_metrics, PretrainMetrics, cells)
-    evaluated = collect(linear_metrics, LinearEvalMetrics, cells) | collect(untrained_metrics, LinearEvalMetrics, untrained)
-    values = {metric: {c: 100 * getattr(m, metric) for c, m in evaluated.items()}
-              for metric in ("top1", "probe_top1", "knn_top1")}
+    evaluated = collect(linear_metrics, LinearEvalMetrics, cells) | collect(
+        untrained_metrics, LinearEvalMetrics, untrained
+    )
+    values = {
+        metric: {c: 100 * getattr(m, metric) for c, m in evaluated.items()}
+        for metric in ("top1", "probe_top1", "knn_top1")
+    }
     values["online_test_acc"] = {c: 100 * m.online_test_acc for c, m in pretrained.items()}
-    protocols = {(d, m): evaluated[d, m, v, s].protocol for d, m, v, s in cells}
+    protocols: dict[tuple[str, str], str] = {(d, m): evaluated[d, m, v, s].protocol for d, m, v, s in cells}
     paper = YAML(typ="safe", pure=True).load(reference.read_text())
     tables = build_tables(values, paper["cells"], experiment.variants, protocols)
     tables["regularizer"] = regularizer_rows(pretrained)
-    histories = {(d, m, v): _mean_history([logs / LOG.format(dataset=d, method=m, variant=v, seed=s)
-                                           for s in experiment.seeds]) for d, m, v, _ in cells}
+    histories = {
+        (d, m, v): _mean_history([logs / LOG.format(dataset=d, method=m, variant=v, seed=s) for s in experiment.seeds])
+        for d, m, v, _ in cells
+    }
     with atomic_dir(out) as staging:
         (staging / "results.json").write_text(json.dumps({"claim": paper["claim"]} | tables, indent=2) + "\n")
         with open(staging / "results.csv", "w", newline="") as f:
@@ -191,20 +260,39 @@ def write_report(experiment: ExperimentParams, pretrain_metrics: Path, linear_me
             writer.writerows(tables["rows"])
         (staging / "results.md").write_text(markdown(tables, experiment.variants, paper["claim"]))
         for dataset, method in settings:
-            training_curves({v: histories[dataset, method, v] for v in experiment.variants}, f"{dataset}, {method}",
-                            staging / f"curves-{dataset}-{method}.png")
+            training_curves(
+                {v: histories[dataset, method, v] for v in experiment.variants},
+                f"{dataset}, {method}",
+                staging / f"curves-{dataset}-{method}.png",
+            )
         gains_chart(tables["rows"], staging / "gains.png")
 
 
-CSV_COLUMNS = ["metric", "dataset", "method", "variant", "protocol", "mean", "std", "n", "gain", "gain_low",
-               "gain_high", "agreement", "paper_top1", "paper_gain"]
+CSV_COLUMNS = [
+    "metric",
+    "dataset",
+    "method",
+    "variant",
+    "protocol",
+    "mean",
+    "std",
+    "n",
+    "gain",
+    "gain_low",
+    "gain_high",
+    "agreement",
+    "paper_top1",
+    "paper_gain",
+]
 
 
 def _mean_history(paths: list[Path]) -> list[dict]:
     """Per-epoch rows of log.csv files, averaged over the files (seeds)."""
     runs = [read_log(path) for path in paths]
-    return [{key: float(np.mean([getattr(run[i], key) for run in runs])) for key in COLUMNS}
-            for i in range(min(len(run) for run in runs))]
+    return [
+        {key: float(np.mean([getattr(run[i], key) for run in runs])) for key in COLUMNS}
+        for i in range(min(len(run) for run in runs))
+    ]
 
 
 def means(results: dict) -> dict[tuple, float]:
@@ -216,8 +304,15 @@ def compare(ours: dict[tuple, float], theirs: dict[tuple, float], tolerance: flo
     """How a report's `means` depart from a reference's: rows missing either way and means more than
     `tolerance` points apart; and the largest difference of a mean."""
     differences = {key: abs(ours[key] - mean) for key, mean in theirs.items() if key in ours}
-    problems = [f"{' '.join(key)}: only in the {where}" for keys, other, where in
-                ((ours, theirs, "report"), (theirs, ours, "reference")) for key in keys if key not in other]
-    problems += [f"{' '.join(key)}: {ours[key]:.2f} against {theirs[key]:.2f} (tolerance {tolerance:g})"
-                 for key, difference in differences.items() if difference > tolerance]
+    problems = [
+        f"{' '.join(key)}: only in the {where}"
+        for keys, other, where in ((ours, theirs, "report"), (theirs, ours, "reference"))
+        for key in keys
+        if key not in other
+    ]
+    problems += [
+        f"{' '.join(key)}: {ours[key]:.2f} against {theirs[key]:.2f} (tolerance {tolerance:g})"
+        for key, difference in differences.items()
+        if difference > tolerance
+    ]
     return problems, max(differences.values(), default=0.0)

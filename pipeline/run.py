@@ -1,6 +1,7 @@
 """What determines one run's numbers: a cell's settings, resolved once from params (stored in its checkpoint)."""
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -9,9 +10,20 @@ from pipeline.augment import ViewSpec
 from pipeline.datasets import get_dataset
 from pipeline.errors import UserError
 from pipeline.metrics import DatasetMetrics
-from pipeline.params import (UNTRAINED, AugmentationParams, BarlowTwinsCommon, MethodsParams, OptimizerParams,
-                             Params, SimclrCommon, VariantParams)
+from pipeline.params import (
+    UNTRAINED,
+    AugmentationParams,
+    BarlowTwinsCommon,
+    DatasetName,
+    MethodName,
+    MethodsParams,
+    OptimizerParams,
+    Params,
+    SimclrCommon,
+    VariantParams,
+)
 from pipeline.runtime import world_size
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -25,7 +37,7 @@ class Variant:
 
     @classmethod
     def from_params(cls, name: str, knobs: VariantParams) -> "Variant":
-        sae = (knobs.sae_latent_dim, knobs.sae_topk) if knobs.sae_latent_dim is not None else None
+        sae = (knobs.sae_latent_dim, knobs.sae_topk) if knobs.sae_latent_dim and knobs.sae_topk else None
         return cls(name, knobs.mi_weight or 0.0, bool(knobs.mi_grad_fp32), knobs.levels or 0, sae)
 
 
@@ -33,8 +45,8 @@ class Variant:
 class Run:
     """One cell: dataset × method × variant × seed, with everything that changes its numbers."""
 
-    dataset: str
-    method: str
+    dataset: DatasetName
+    method: MethodName
     variant: Variant
     seed: int
     common: SimclrCommon | BarlowTwinsCommon
@@ -50,9 +62,11 @@ class Run:
 
     def config(self) -> dict:
         """What a checkpoint must match to be resumed."""
-        return {name: (value.model_dump() if hasattr(value, "model_dump") else value)
-                for name, value in self.__dict__.items() if name != "variant"} | {
-            "variant": self.variant.__dict__, "world_size": world_size()}
+        return {
+            name: (value.model_dump() if hasattr(value, "model_dump") else value)
+            for name, value in self.__dict__.items()
+            if name != "variant"
+        } | {"variant": self.variant.__dict__, "world_size": world_size()}
 
     @property
     def decoder_crop(self) -> int | None:
@@ -68,16 +82,20 @@ class Run:
         return torch.tensor(self.mean, device=device), torch.tensor(self.std, device=device)
 
     def views(self) -> tuple[ViewSpec, ViewSpec]:
-        return tuple(ViewSpec.from_params(view, self.crop_size, crop=not self.decoder_crops)
-                     for view in (self.augmentation.view_a, self.augmentation.view_b))
+        a, b = (
+            ViewSpec.from_params(view, self.crop_size, crop=not self.decoder_crops)
+            for view in (self.augmentation.view_a, self.augmentation.view_b)
+        )
+        return a, b
 
     def epoch_seed(self, epoch: int) -> int:
         """Seed of the per-sample augmentation draws and the data order of `epoch`."""
         return self.seed * 100_003 + epoch
 
 
-def make_run(params: Params, dataset: str, method: str, variant: str, seed: int, meta: DatasetMetrics,
-             device: torch.device) -> Run:
+def make_run(
+    params: Params, dataset: str, method: str, variant: str, seed: int, meta: DatasetMetrics, device: torch.device
+) -> Run:
     """The run of one cell; `meta` is the dataset's conversion metadata (classes, pixel statistics).
 
     `variant` may be UNTRAINED: the encoder alone, as pretraining starts it (for evaluation)."""
@@ -90,18 +108,30 @@ def make_run(params: Params, dataset: str, method: str, variant: str, seed: int,
     elif variant in cell.variants:
         resolved = Variant.from_params(variant, cell.variants[variant])
     else:
-        raise UserError(f"unknown variant {variant!r}; pretrain.{dataset}.{method}.variants defines "
-                        f"{', '.join(cell.variants)}")
+        raise UserError(
+            f"unknown variant {variant!r}; pretrain.{dataset}.{method}.variants defines {', '.join(cell.variants)}"
+        )
     if meta.num_classes != len(meta.classes) or meta.num_classes < 2:
         raise UserError(f"the {dataset} metadata has {meta.num_classes} classes for {len(meta.classes)} names")
     mean, std = spec.stats or (tuple(meta.mean or ()), tuple(meta.std or ()))
     if len(mean) != 3 or len(std) != 3:
         raise UserError(f"the {dataset} metadata has no pixel statistics (mean, std) to normalize with")
-    return Run(dataset=dataset, method=method, variant=resolved, seed=seed, common=cell.common,
-               augmentation=params.augmentations[cell.common.augmentation], optimizer=params.optimizer,
-               precision=params.training.precision if device.type == "cuda" else "fp32", stem=spec.stem,
-               crop_size=spec.crop_size or _image_side(dataset, meta), decoder_crops=spec.stem == "imagenet",
-               num_classes=meta.num_classes, mean=mean, std=std)
+    return Run(
+        dataset=cast(DatasetName, dataset),  # both checked above
+        method=cast(MethodName, method),
+        variant=resolved,
+        seed=seed,
+        common=cell.common,
+        augmentation=params.augmentations[cell.common.augmentation],
+        optimizer=params.optimizer,
+        precision=params.training.precision if device.type == "cuda" else "fp32",
+        stem=spec.stem,
+        crop_size=spec.crop_size or _image_side(dataset, meta),
+        decoder_crops=spec.stem == "imagenet",
+        num_classes=meta.num_classes,
+        mean=mean,
+        std=std,
+    )
 
 
 def _image_side(dataset: str, meta: DatasetMetrics) -> int:

@@ -29,7 +29,7 @@ class Forward:
 
 
 def forward(model: nn.Module, run: Run, x_a: Tensor, x_b: Tensor, y: Tensor) -> Forward:
-    loss = LOSSES[run.method](run)
+    loss = LOSSES[run.method](run.common)
     with autocast(run.precision, x_a.device.type):
         h_a, h_b, z_a, z_b, logits = model(x_a, x_b)
         ssl = loss(z_a, z_b)

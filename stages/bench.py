@@ -4,7 +4,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,18 +16,20 @@ from pipeline.params import load_params
 from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile
 
 
-def bench(dataset: Dataset,
-          raw: Annotated[Path, typer.Option(help="The prepared raw folder (the reference path reads it).")],
-          data: Data,
-          metadata: Metadata,
-          out: Annotated[Path, typer.Option(help="JSON file for the results.")],
-          method: Method = "simclr",
-          batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
-          width: Annotated[int, typer.Option(help="Backbone width for (b) and (c); 64 is the paper's.")] = 64,
-          batches: Annotated[int, typer.Option(help="Batches timed per loading path.")] = 20,
-          steps: Annotated[int, typer.Option(help="Training steps timed per configuration.")] = 3,
-          workers: Annotated[int, typer.Option(help="Loader workers, both paths.")] = os.cpu_count() or 1,
-          params_file: ParamsFile = PARAMS_FILE) -> None:
+def bench(
+    dataset: Dataset,
+    raw: Annotated[Path, typer.Option(help="The prepared raw folder (the reference path reads it).")],
+    data: Data,
+    metadata: Metadata,
+    out: Annotated[Path, typer.Option(help="JSON file for the results.")],
+    method: Method = "simclr",
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
+    width: Annotated[int, typer.Option(help="Backbone width for (b) and (c); 64 is the paper's.")] = 64,
+    batches: Annotated[int, typer.Option(help="Batches timed per loading path.")] = 20,
+    steps: Annotated[int, typer.Option(help="Training steps timed per configuration.")] = 3,
+    workers: Annotated[int, typer.Option(help="Loader workers, both paths.")] = os.cpu_count() or 1,
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
     """Measure (a) two-view batches/s, ours vs the reference's PIL DataLoader, (b) pretraining images/s,
     (c) the MI regularizer's share of the step time (its forward + backward against a training step), and
     estimate (d) a training step's peak memory at the GPU's precision (measured too on a GPU)."""
@@ -39,6 +41,7 @@ def bench(dataset: Dataset,
     from pipeline.memory import step_peak_bytes
     from pipeline.run import make_run
     from pipeline.runtime import init_device
+
     params = load_params(params_file)
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
@@ -54,22 +57,39 @@ def bench(dataset: Dataset,
     measured = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     estimate = step_peak_bytes(run, batch_size, params.training.precision)
     regularizer = regularizer_seconds(run, batch_size, 20, device)
-    results = {"device": str(device), "dataset": dataset, "method": method, "batch_size": batch_size,
-               "workers": workers, "backbone_width": width,
-               "loading": {"ours_batches_per_s": ours, "reference_batches_per_s": reference, "speedup": ours / reference},
-               "pretrain_images_per_s": batch_size / step, "step_s": step, "regularizer_s": regularizer,
-               "regularizer_share": regularizer / (step + regularizer),
-               "memory": {"precision": params.training.precision, "step_peak_bytes_estimate": estimate,
-                          "step_peak_bytes_measured": measured}}
+    results: dict[str, Any] = {
+        "device": str(device),
+        "dataset": dataset,
+        "method": method,
+        "batch_size": batch_size,
+        "workers": workers,
+        "backbone_width": width,
+        "loading": {"ours_batches_per_s": ours, "reference_batches_per_s": reference, "speedup": ours / reference},
+        "pretrain_images_per_s": batch_size / step,
+        "step_s": step,
+        "regularizer_s": regularizer,
+        "regularizer_share": regularizer / (step + regularizer),
+        "memory": {
+            "precision": params.training.precision,
+            "step_peak_bytes_estimate": estimate,
+            "step_peak_bytes_measured": measured,
+        },
+    }
     table = Table("measurement", "value", title=f"bench on {device} ({dataset}, batch {batch_size})")
     table.add_row("two-view batches/s: ours", f"{ours:.2f} ({ours * batch_size:.0f} images/s)")
-    table.add_row("two-view batches/s: reference (PIL DataLoader)", f"{reference:.2f} ({reference * batch_size:.0f} images/s)")
+    table.add_row(
+        "two-view batches/s: reference (PIL DataLoader)", f"{reference:.2f} ({reference * batch_size:.0f} images/s)"
+    )
     table.add_row("loading speedup", f"{ours / reference:.1f}x")
     table.add_row(f"pretrain images/s (width {width})", f"{batch_size / step:.1f} ({step:.2f} s/step)")
-    table.add_row("regularizer share of step time", f"{100 * results['regularizer_share']:.2f}% ({1000 * regularizer:.1f} ms)")
+    table.add_row(
+        "regularizer share of step time", f"{100 * results['regularizer_share']:.2f}% ({1000 * regularizer:.1f} ms)"
+    )
     measured_text = f", {measured / 2**30:.2f} GiB measured" if measured else ""
-    table.add_row(f"step peak memory, {params.training.precision} (pipeline.memory)",
-                  f"{estimate / 2**30:.2f} GiB estimated{measured_text}")
+    table.add_row(
+        f"step peak memory, {params.training.precision} (pipeline.memory)",
+        f"{estimate / 2**30:.2f} GiB estimated{measured_text}",
+    )
     Console().print(table)
     with atomic_file(out) as staging:
         staging.write_text(json.dumps(results, indent=2) + "\n")

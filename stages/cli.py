@@ -5,21 +5,28 @@ from typing import Annotated
 import typer
 
 from pipeline.params import load_params
-from stages.common import PARAMS_FILE, ParamsFile, set_debug, stage
 from stages.bench import bench
+from stages.common import PARAMS_FILE, ParamsFile, set_debug, stage
 from stages.data import convert, prepare
 from stages.launch import launch
 from stages.linear_eval import linear_eval_command
 from stages.pretrain import pretrain_command
 from stages.report import audit, compare, report
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Reproduce 'Projection Head is Secretly an Information Bottleneck'. Stages run from dvc.yaml.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Reproduce 'Projection Head is Secretly an Information Bottleneck'. Stages run from dvc.yaml.",
+)
 
 
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show a traceback for input errors too "
-                                                              "(put it before the command).")] = False) -> None:
+def main(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show a traceback for input errors too (put it before the command).")
+    ] = False,
+) -> None:
     """Options for every command."""
     set_debug(debug)
 

@@ -56,4 +56,3 @@ def stage(fn: Callable) -> Callable:
             raise typer.Exit(INTERRUPTED) from None
 
     return run
-

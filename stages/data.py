@@ -15,14 +15,21 @@ from stages.common import PARAMS_FILE, Dataset, ParamsFile
 log = logging.getLogger(__name__)
 
 
-def prepare(dataset: Dataset,
-            out: Annotated[Path, typer.Option(help="Folder to write the verified raw files to.")],
-            downloads: Annotated[Path | None, typer.Option(
-                help="Archive cache (CIFAR only): partial downloads resume from here, and an archive placed "
-                     "here with the right MD5 is used without a download.")] = None,
-            params_file: ParamsFile = PARAMS_FILE) -> None:
+def prepare(
+    dataset: Dataset,
+    out: Annotated[Path, typer.Option(help="Folder to write the verified raw files to.")],
+    downloads: Annotated[
+        Path | None,
+        typer.Option(
+            help="Archive cache (CIFAR only): partial downloads resume from here, and an archive placed "
+            "here with the right MD5 is used without a download."
+        ),
+    ] = None,
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
     """Get a dataset's raw files: download and verify (CIFAR), generate (synthetic) or index (image trees)."""
     from pipeline.datasets import get_dataset
+
     params = load_params(params_file)
     spec = get_dataset(dataset)
     if spec.downloads and downloads is None:
@@ -31,13 +38,16 @@ def prepare(dataset: Dataset,
     log.info("prepared %s in %s", dataset, out)
 
 
-def convert(dataset: Dataset,
-            raw: Annotated[Path, typer.Option(help="The folder `prepare` wrote.")],
-            out: Annotated[Path, typer.Option(help="Folder for train.beton and test.beton.")],
-            metadata: Annotated[Path, typer.Option(help="JSON file for counts, shapes and checksums.")],
-            params_file: ParamsFile = PARAMS_FILE) -> None:
+def convert(
+    dataset: Dataset,
+    raw: Annotated[Path, typer.Option(help="The folder `prepare` wrote.")],
+    out: Annotated[Path, typer.Option(help="Folder for train.beton and test.beton.")],
+    metadata: Annotated[Path, typer.Option(help="JSON file for counts, shapes and checksums.")],
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
     """Convert the train and test splits to FFCV .beton files and describe them."""
     from pipeline.beton import convert_dataset
+
     params = load_params(params_file)
     meta = convert_dataset(dataset, params, raw, out)
     with atomic_file(metadata) as staging:

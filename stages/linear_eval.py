@@ -12,19 +12,31 @@ from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFi
 
 
 def linear_eval_command(
-        dataset: Dataset, method: Method, seed: Seed, data: Data, metadata: Metadata,
-        metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
-        variant: Annotated[str, typer.Option(help="The pretrained cell's variant (a name under "
-                                                  "pretrain.<dataset>.<method>.variants), or `untrained`.")],
-        checkpoint: Annotated[Path | None, typer.Option(help="The pretraining checkpoint; leave out with "
-                                                             "--variant untrained: the run's initial weights.")] = None,
-        params_file: ParamsFile = PARAMS_FILE) -> None:
+    dataset: Dataset,
+    method: Method,
+    seed: Seed,
+    data: Data,
+    metadata: Metadata,
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
+    variant: Annotated[
+        str,
+        typer.Option(
+            help="The pretrained cell's variant (a name under pretrain.<dataset>.<method>.variants), or `untrained`."
+        ),
+    ],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="The pretraining checkpoint; leave out with --variant untrained: the run's initial weights."),
+    ] = None,
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
     """Top-1/top-5 of the paper's protocol, frozen-probe and kNN top-1 of a pretrained (or the untrained) encoder."""
     from pipeline.errors import UserError
     from pipeline.linear_eval import linear_eval, load_backbone
     from pipeline.loaders import check_betons
     from pipeline.run import make_run
     from pipeline.runtime import init_device
+
     if (checkpoint is None) != (variant == UNTRAINED):
         raise UserError(f"give --checkpoint for a pretrained variant, and leave it out with --variant {UNTRAINED}")
     params = load_params(params_file)

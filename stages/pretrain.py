@@ -20,16 +20,23 @@ NPROC_VARIABLE = "PROJECTOR_IB_NPROC"
 
 
 def pretrain_command(
-        dataset: Dataset, method: Method, variant: Variant, seed: Seed, data: Data, metadata: Metadata,
-        out: Annotated[Path, typer.Option(help="Run folder: checkpoint.pt, log.csv (resumed if present).")],
-        metrics: Annotated[Path, typer.Option(help="Metrics JSON written at the end.")],
-        params_file: ParamsFile = PARAMS_FILE) -> None:
+    dataset: Dataset,
+    method: Method,
+    variant: Variant,
+    seed: Seed,
+    data: Data,
+    metadata: Metadata,
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoint.pt, log.csv (resumed if present).")],
+    metrics: Annotated[Path, typer.Option(help="Metrics JSON written at the end.")],
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
     """Pretrain a ResNet-18 with SimCLR or Barlow Twins (+ the variant's projector modifications)."""
     _torchrun_if_asked()
     from pipeline.loaders import check_betons
     from pipeline.pretrain import pretrain
     from pipeline.run import make_run
     from pipeline.runtime import init_device, is_rank0
+
     params = load_params(params_file)
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
@@ -49,8 +56,20 @@ def _torchrun_if_asked() -> None:
         raise UserError(f"{NPROC_VARIABLE}={value!r}: expected a number of processes (1 or more)")
     if int(value) > 1 and "WORLD_SIZE" not in os.environ:
         # one node: rendezvous on the loopback address (a container's hostname may not resolve)
-        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  "--local-addr=127.0.0.1", f"--nproc-per-node={value}", "-m", "stages", *sys.argv[1:]])
+        os.execv(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--local-addr=127.0.0.1",
+                f"--nproc-per-node={value}",
+                "-m",
+                "stages",
+                *sys.argv[1:],
+            ],
+        )
 
 
 def _code_version() -> str:

@@ -13,69 +13,104 @@ import typer
 
 from pipeline.errors import UserError
 from pipeline.metrics import DatasetMetrics, LinearEvalMetrics, PretrainMetrics, read
-from pipeline.params import load_params
+from pipeline.params import Strict, load_params
 from stages.common import PARAMS_FILE, ParamsFile
 
 Folder = Annotated[Path, typer.Option(help="A folder (see dvc.yaml).")]
-SCHEMAS = {"datasets": DatasetMetrics, "pretrain": PretrainMetrics, "linear_eval": LinearEvalMetrics,
-           "untrained": LinearEvalMetrics}
+SCHEMAS: dict[str, type[Strict]] = {
+    "datasets": DatasetMetrics,
+    "pretrain": PretrainMetrics,
+    "linear_eval": LinearEvalMetrics,
+    "untrained": LinearEvalMetrics,
+}
 
 
-def report(pretrain_metrics: Folder, linear_metrics: Folder, untrained_metrics: Folder, runs: Folder, out: Folder,
-           reference: Annotated[Path, typer.Option(help="The paper's values (references/paper.yaml).")],
-           params_file: ParamsFile = PARAMS_FILE) -> None:
+def report(
+    pretrain_metrics: Folder,
+    linear_metrics: Folder,
+    untrained_metrics: Folder,
+    runs: Folder,
+    out: Folder,
+    reference: Annotated[Path, typer.Option(help="The paper's values (references/paper.yaml).")],
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
     """Tables (mean ± std over seeds, the untrained encoder beside them, gains with 95% intervals, the paper's
     values), whether the MI regularizer can act, plots, results.{md,csv,json}."""
     from pipeline.report import write_report
-    write_report(load_params(params_file).experiment, pretrain_metrics, linear_metrics, untrained_metrics, runs,
-                 reference, out)
+
+    write_report(
+        load_params(params_file).experiment, pretrain_metrics, linear_metrics, untrained_metrics, runs, reference, out
+    )
 
 
-def audit(metrics: Annotated[Path, typer.Option(help="The metrics folder.")] = Path("metrics"),
-          reports: Annotated[Path, typer.Option(help="The report folder.")] = Path("reports"),
-          reference: Annotated[Path, typer.Option(help="The paper's values.")] = Path("references/paper.yaml"),
-          runs: Annotated[Path, typer.Option(help="The runs folder.")] = Path("runs"),
-          params_file: ParamsFile = PARAMS_FILE) -> None:
+def audit(
+    metrics: Annotated[Path, typer.Option(help="The metrics folder.")] = Path("metrics"),
+    reports: Annotated[Path, typer.Option(help="The report folder.")] = Path("reports"),
+    reference: Annotated[Path, typer.Option(help="The paper's values.")] = Path("references/paper.yaml"),
+    runs: Annotated[Path, typer.Option(help="The runs folder.")] = Path("runs"),
+    params_file: ParamsFile = PARAMS_FILE,
+) -> None:
     """Check that the outputs are what the code and params produce: every metrics file matches its
     schema, dvc.lock matches code and params, and the report regenerates identically."""
     from pipeline.report import write_report
+
     for kind, schema in SCHEMAS.items():
         for path in sorted((metrics / kind).glob("*.json")):
             read(path, schema)
-    dry = subprocess.run([sys.executable, "-m", "dvc", "repro", "--dry", "--allow-missing"], capture_output=True,
-                         text=True)
+    dry = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "--dry", "--allow-missing"], capture_output=True, text=True
+    )
     stale = [line for line in dry.stdout.splitlines() if line.startswith("Running stage")]
     if dry.returncode or stale:
-        raise UserError("dvc.lock does not match the code and params; `dvc repro` would run:\n  "
-                        + "\n  ".join(stale or [dry.stderr.strip()]))
+        raise UserError(
+            "dvc.lock does not match the code and params; `dvc repro` would run:\n  "
+            + "\n  ".join(stale or [dry.stderr.strip()])
+        )
     with tempfile.TemporaryDirectory() as tmp:
         regenerated = Path(tmp) / "reports"
-        write_report(load_params(params_file).experiment, metrics / "pretrain", metrics / "linear_eval",
-                     metrics / "untrained", runs, reference, regenerated)
-        differ = sorted({p.name for p in regenerated.iterdir()} ^ {p.name for p in reports.iterdir()}
-                        | {p.name for p in regenerated.iterdir()
-                           if (reports / p.name).exists() and not filecmp.cmp(p, reports / p.name, shallow=False)})
+        write_report(
+            load_params(params_file).experiment,
+            metrics / "pretrain",
+            metrics / "linear_eval",
+            metrics / "untrained",
+            runs,
+            reference,
+            regenerated,
+        )
+        differ = sorted(
+            {p.name for p in regenerated.iterdir()} ^ {p.name for p in reports.iterdir()}
+            | {
+                p.name
+                for p in regenerated.iterdir()
+                if (reports / p.name).exists() and not filecmp.cmp(p, reports / p.name, shallow=False)
+            }
+        )
     if differ:
         raise UserError(f"{reports} differs from the report regenerated from the metrics: {', '.join(differ)}")
     typer.echo(f"audit: OK (metrics valid, dvc.lock current, {reports} reproduced)")
 
 
-def compare(report: Annotated[Path, typer.Argument(help="A report folder (results.json).")],
-            reference: Annotated[Path, typer.Argument(help="The report to match, e.g. references/demo.")],
-            tolerance: Annotated[float, typer.Option(help="Largest allowed difference of a mean, points.")] = 5.0) -> None:
+def compare(
+    report: Annotated[Path, typer.Argument(help="A report folder (results.json).")],
+    reference: Annotated[Path, typer.Argument(help="The report to match, e.g. references/demo.")],
+    tolerance: Annotated[float, typer.Option(help="Largest allowed difference of a mean, points.")] = 5.0,
+) -> None:
     """Check that a report has the reference's rows and means (accuracy %) within the tolerance."""
     from pipeline.report import compare as differences
+
     if not math.isfinite(tolerance) or tolerance < 0:
         raise UserError(f"--tolerance: found {tolerance}; must be a number of points >= 0")
     problems, largest = differences(_means(report), _means(reference), tolerance)
     if problems:
         raise UserError(f"{report} does not match {reference}:\n  " + "\n  ".join(problems))
-    typer.echo(f"compare: OK ({report} matches {reference} within {tolerance:g} points; largest difference "
-               f"{largest:.2f})")
+    typer.echo(
+        f"compare: OK ({report} matches {reference} within {tolerance:g} points; largest difference {largest:.2f})"
+    )
 
 
 def _means(folder: Path) -> dict:
     from pipeline.report import means
+
     path = folder / "results.json"
     if not path.is_file():
         raise UserError(f"{path} not found: {folder} is not a report folder")

@@ -55,7 +55,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         cut = self.server.drop_after.pop(self.path, None)
-        self.wfile.write(body[start:cut if cut is None else start + cut])
+        self.wfile.write(body[start : cut if cut is None else start + cut])
         self.close_connection = True
 
     def log_message(self, *args):
@@ -76,8 +76,9 @@ def member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, linkname
     return info, data
 
 
-def cifar_archive(layout: RecordLayout, num_classes: int, per_file: int, seed: int = 0,
-                  extra: list[tuple] = ()) -> tuple[bytes, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def cifar_archive(
+    layout: RecordLayout, num_classes: int, per_file: int, seed: int = 0, extra: list[tuple] = ()
+) -> tuple[bytes, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """A .tar.gz in the official layout of `layout` with random records (plus `extra` members),
     and the (images, labels) each record file holds."""
     rng = np.random.default_rng(seed)
@@ -89,8 +90,11 @@ def cifar_archive(layout: RecordLayout, num_classes: int, per_file: int, seed: i
         contents[name] = (images, labels)
         members.append(member(f"{layout.folder}/{name}", record_bytes(layout, images, labels)))
     names = "".join(f"class_{c}\n" for c in range(num_classes)).encode()
-    members += [member(f"{layout.folder}/{layout.names}", names),
-                member(f"{layout.folder}/readme.html", b"<html></html>"), *extra]
+    members += [
+        member(f"{layout.folder}/{layout.names}", names),
+        member(f"{layout.folder}/readme.html", b"<html></html>"),
+        *extra,
+    ]
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for info, data in members:
@@ -116,8 +120,14 @@ def _merge(into: dict, update: dict) -> None:
             into[key] = value
 
 
-TINY_COMMON = {"epochs": 3, "warmup_epochs": 1, "batch_size": 16, "backbone_width": 4, "projector_hidden_dim": 32,
-               "projector_out_dim": 16}
+TINY_COMMON = {
+    "epochs": 3,
+    "warmup_epochs": 1,
+    "batch_size": 16,
+    "backbone_width": 4,
+    "projector_hidden_dim": 32,
+    "projector_out_dim": 16,
+}
 TINY_CELL = {"common": TINY_COMMON, "variants": {"sae": {"sae_latent_dim": 64, "sae_topk": 4}}}
 TINY_EVAL = {"epochs": 2, "batch_size": 16, "warmup_epochs": 0}
 
@@ -126,10 +136,12 @@ def tiny_sections(**common) -> dict:
     """Params sections for seconds-long CPU pretraining and evaluation on an 80-image synthetic dataset;
     `common` overrides `pretrain.synthetic.<method>.common`."""
     cell = TINY_CELL | {"common": TINY_COMMON | common}
-    return {"datasets": {"synthetic": {"train_per_class": 8, "test_per_class": 4}},
-            "training": {"loader_workers": 1, "eval_batch_size": 64},
-            "pretrain": {"synthetic": {m: cell for m in ("simclr", "barlow_twins")}},
-            "linear_eval": {"probe": {"epochs": 5}, "synthetic": {m: TINY_EVAL for m in ("simclr", "barlow_twins")}}}
+    return {
+        "datasets": {"synthetic": {"train_per_class": 8, "test_per_class": 4}},
+        "training": {"loader_workers": 1, "eval_batch_size": 64},
+        "pretrain": {"synthetic": {m: cell for m in ("simclr", "barlow_twins")}},
+        "linear_eval": {"probe": {"epochs": 5}, "synthetic": {m: TINY_EVAL for m in ("simclr", "barlow_twins")}},
+    }
 
 
 def tiny_params(path: Path, **common) -> Path:
@@ -155,11 +167,19 @@ def write_png16(path: Path, pixels: np.ndarray) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 16, 2 if pixels.ndim == 3 else 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    )
 
 
 def stage_process(*args: str, **kwargs) -> subprocess.Popen:
     """`python -m stages ARGS` in its own process group (signals reach it and its workers, as Ctrl-C does)."""
-    return subprocess.Popen([sys.executable, "-m", "stages", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )

@@ -5,15 +5,33 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
-from pipeline.augment import (ViewSpec, adjust_hue, augment, augment_numba, augment_torch, color_jitter, draw,
-                              gaussian_blur, resized_crop)
+from pipeline.augment import (
+    ViewSpec,
+    adjust_hue,
+    augment,
+    augment_numba,
+    augment_torch,
+    color_jitter,
+    draw,
+    gaussian_blur,
+    resized_crop,
+)
 
 MEAN, STD = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
-PAPER = {"crop_scale": (0.08, 1.0), "crop_ratio": (3 / 4, 4 / 3), "flip_p": 0.5, "jitter_p": 0.8, "grayscale_p": 0.2,
-         "blur_sigma": (0.1, 2.0)}
-SYMMETRIC = ViewSpec(32, True, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, solarize_p=0.0, interpolation="bicubic", **PAPER)
-SOLARIZING = ViewSpec(32, True, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.0, solarize_p=0.2, interpolation="bilinear",
-                      **PAPER)
+PAPER = {
+    "crop_scale": (0.08, 1.0),
+    "crop_ratio": (3 / 4, 4 / 3),
+    "flip_p": 0.5,
+    "jitter_p": 0.8,
+    "grayscale_p": 0.2,
+    "blur_sigma": (0.1, 2.0),
+}
+SYMMETRIC = ViewSpec(
+    32, True, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, solarize_p=0.0, interpolation="bicubic", **PAPER
+)
+SOLARIZING = ViewSpec(
+    32, True, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.0, solarize_p=0.2, interpolation="bilinear", **PAPER
+)
 
 
 def images(b=16, size=32, seed=0):
@@ -64,16 +82,18 @@ def test_gaussian_blur_matches_torchvision_per_sigma():
 def test_cpu_kernel_matches_torch_ops(spec):
     x = images(64)
     d = draw(64, (32, 32), spec, torch.Generator().manual_seed(3))
-    torch.testing.assert_close(augment_numba(x, spec, d, MEAN, STD), augment_torch(x, spec, d, MEAN, STD),
-                               atol=2e-4, rtol=0)
+    torch.testing.assert_close(
+        augment_numba(x, spec, d, MEAN, STD), augment_torch(x, spec, d, MEAN, STD), atol=2e-4, rtol=0
+    )
 
 
 def test_cpu_kernel_reads_channels_last_batches():
     x = images(8)
     d = draw(8, (32, 32), SYMMETRIC, torch.Generator().manual_seed(4))
     channels_last = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # how FFCV hands batches over
-    torch.testing.assert_close(augment_numba(channels_last, SYMMETRIC, d, MEAN, STD),
-                               augment_numba(x.contiguous(), SYMMETRIC, d, MEAN, STD))
+    torch.testing.assert_close(
+        augment_numba(channels_last, SYMMETRIC, d, MEAN, STD), augment_numba(x.contiguous(), SYMMETRIC, d, MEAN, STD)
+    )
 
 
 def test_parameters_are_drawn_per_sample_and_reproducibly():

@@ -57,8 +57,10 @@ def test_eval_loader_keeps_every_image_in_order(tmp_path):
     np.testing.assert_array_equal(got_labels, labels)
 
 
-@pytest.mark.parametrize("storage, crop", [({"write_mode": "raw"}, None),
-                                           ({"write_mode": "jpg", "jpeg_quality": 90, "max_resolution": 64}, 24)])
+@pytest.mark.parametrize(
+    "storage, crop",
+    [({"write_mode": "raw"}, None), ({"write_mode": "jpg", "jpeg_quality": 90, "max_resolution": 64}, 24)],
+)
 def test_compiled_and_python_decoding_give_the_same_batches(tmp_path, storage, crop):
     """Small splits decode in Python (JIT_MIN_IMAGES): the same bytes as FFCV's compiled pipeline."""
     rng = np.random.default_rng(2)
@@ -67,8 +69,15 @@ def test_compiled_and_python_decoding_give_the_same_batches(tmp_path, storage, c
     compiled, python = (read_all(tmp_path / "a.beton", 64, crop_size=crop, jit_min_images=n) for n in (0, 10**9))
     np.testing.assert_array_equal(compiled[0], python[0])
     np.testing.assert_array_equal(compiled[1], python[1])
-    views = [[x.clone() for x, _, _ in ssl_loader(tmp_path / "a.beton", 32, seed=3, crop_scales=[(0.08, 1.0)] * 2,
-                                                   crop_size=crop, jit_min_images=n)] for n in (0, 10**9)]
+    views = [
+        [
+            x.clone()
+            for x, _, _ in ssl_loader(
+                tmp_path / "a.beton", 32, seed=3, crop_scales=[(0.08, 1.0)] * 2, crop_size=crop, jit_min_images=n
+            )
+        ]
+        for n in (0, 10**9)
+    ]
     if crop is None:  # the decoder's random crops draw from numba's generator or numpy's: only the order is common
         torch.testing.assert_close(torch.cat(views[0]), torch.cat(views[1]))
 
@@ -102,7 +111,9 @@ def test_convert_writes_betons_and_metadata(tmp_path, params):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["test.beton", "train.beton"]
     assert meta["train"] == {"count": 50, "per_class": [17, 17, 16]} and meta["test"]["per_class"] == [3, 3, 3]
     assert meta["image_shape"] == [32, 32, 3] and meta["classes"] == ["a", "b", "c"]
-    assert meta["sources_sha256"]["test_images.npy"] == hashlib.sha256((raw / "test_images.npy").read_bytes()).hexdigest()
+    assert (
+        meta["sources_sha256"]["test_images.npy"] == hashlib.sha256((raw / "test_images.npy").read_bytes()).hexdigest()
+    )
     json.dumps(meta)  # serializable as is
 
 
@@ -143,19 +154,34 @@ def test_fast_ffcv_import_keeps_the_image_modes_table():
 def test_failing_writer_exits_promptly_with_work_left_in_the_queue(tmp_path):
     """Issue 14: with its first image unreadable, a large `convert` named the image, then never exited: the
     work queue the parent had filled still waited, at exit, to be handed to the workers it had stopped."""
-    script = (f"import numpy as np; from pathlib import Path; from tests.test_beton import Unreadable\n"
-              f"from pipeline.beton import write_beton; from pipeline.errors import UserError\n"
-              f"try: write_beton(Unreadable(np.zeros((60000, 8, 8, 3), np.uint8), np.zeros(60000), first=True), "
-              f"Path({str(tmp_path / 'a.beton')!r}), {{'write_mode': 'raw'}}, workers=2)\n"
-              f"except UserError as e: print(e)")
+    script = (
+        f"import numpy as np; from pathlib import Path; from tests.test_beton import Unreadable\n"
+        f"from pipeline.beton import write_beton; from pipeline.errors import UserError\n"
+        f"try: write_beton(Unreadable(np.zeros((60000, 8, 8, 3), np.uint8), np.zeros(60000), first=True), "
+        f"Path({str(tmp_path / 'a.beton')!r}), {{'write_mode': 'raw'}}, workers=2)\n"
+        f"except UserError as e: print(e)"
+    )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert "image 0 is unreadable" in result.stdout, result.stderr
 
 
 def test_convert_refuses_a_raw_folder_that_does_not_exist(tmp_path):
-    result = CliRunner().invoke(app, ["convert", "--dataset", "synthetic", "--raw", str(tmp_path / "absent"),
-                                      "--out", str(tmp_path / "ffcv"), "--metadata", str(tmp_path / "m.json"),
-                                      "--params", str(REPO / "params.yaml")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            "--dataset",
+            "synthetic",
+            "--raw",
+            str(tmp_path / "absent"),
+            "--out",
+            str(tmp_path / "ffcv"),
+            "--metadata",
+            str(tmp_path / "m.json"),
+            "--params",
+            str(REPO / "params.yaml"),
+        ],
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"error: {tmp_path / 'absent'}: no such folder" in result.output
     assert list(tmp_path.iterdir()) == []
@@ -179,8 +205,18 @@ def slow_conversion(tmp_path):
     started = []
 
     def start() -> subprocess.Popen:
-        started.append(stage_process("convert", *args, "--raw", str(tmp_path / "raw"), "--out",
-                                     str(tmp_path / "ffcv"), "--metadata", str(tmp_path / "meta.json")))
+        started.append(
+            stage_process(
+                "convert",
+                *args,
+                "--raw",
+                str(tmp_path / "raw"),
+                "--out",
+                str(tmp_path / "ffcv"),
+                "--metadata",
+                str(tmp_path / "meta.json"),
+            )
+        )
         return started[-1]
 
     yield start

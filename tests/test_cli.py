@@ -8,24 +8,62 @@ from tests.helpers import write_params
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["check-params"], ["prepare"], ["convert"], ["pretrain"], ["linear-eval"],
-                                     ["bench"], ["report"], ["audit"], ["compare"], ["launch"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["check-params"],
+        ["prepare"],
+        ["convert"],
+        ["pretrain"],
+        ["linear-eval"],
+        ["bench"],
+        ["report"],
+        ["audit"],
+        ["compare"],
+        ["launch"],
+    ],
+)
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
 
 
 def test_unknown_dataset_lists_choices(tmp_path):
-    result = runner.invoke(app, ["prepare", "--dataset", "mnist", "--out", str(tmp_path / "o"),
-                                 "--downloads", str(tmp_path / "d"), "--params", str(write_params(tmp_path / "p.yaml"))])
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            "--dataset",
+            "mnist",
+            "--out",
+            str(tmp_path / "o"),
+            "--downloads",
+            str(tmp_path / "d"),
+            "--params",
+            str(write_params(tmp_path / "p.yaml")),
+        ],
+    )
     assert result.exit_code == 1
     assert "unknown dataset 'mnist'; choose from cifar10, cifar100, imagenet100, synthetic, folder" in result.output
 
 
 def test_stage_refuses_bad_params_before_doing_anything(tmp_path):
     params = write_params(tmp_path / "p.yaml", datasets={"synthetic": {"num_classes": 0}})
-    result = runner.invoke(app, ["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "o"),
-                                 "--downloads", str(tmp_path / "d"), "--params", str(params)])
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            "--dataset",
+            "synthetic",
+            "--out",
+            str(tmp_path / "o"),
+            "--downloads",
+            str(tmp_path / "d"),
+            "--params",
+            str(params),
+        ],
+    )
     assert result.exit_code == 2 and "datasets.synthetic.num_classes: found 0" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
 
@@ -34,8 +72,19 @@ def test_prepare_and_convert_from_the_command_line(tmp_path):
     params = str(write_params(tmp_path / "p.yaml", datasets={"synthetic": {"train_per_class": 3, "test_per_class": 2}}))
     common = ["--dataset", "synthetic", "--params", params]
     assert runner.invoke(app, ["prepare", *common, "--out", str(tmp_path / "raw"), "--downloads", "d"]).exit_code == 0
-    result = runner.invoke(app, ["convert", *common, "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "ffcv"),
-                                 "--metadata", str(tmp_path / "m" / "meta.json")])
+    result = runner.invoke(
+        app,
+        [
+            "convert",
+            *common,
+            "--raw",
+            str(tmp_path / "raw"),
+            "--out",
+            str(tmp_path / "ffcv"),
+            "--metadata",
+            str(tmp_path / "m" / "meta.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert '"count": 30' in (tmp_path / "m" / "meta.json").read_text()
 
@@ -43,16 +92,19 @@ def test_prepare_and_convert_from_the_command_line(tmp_path):
 def test_debug_shows_the_traceback_of_an_input_error(tmp_path):
     plain = runner.invoke(app, ["check-params", "--params", str(tmp_path)])
     debug = runner.invoke(app, ["--debug", "check-params", "--params", str(tmp_path)])
-    assert plain.exit_code == 2 and plain.output == f"error: {tmp_path}: is a directory; --params takes a YAML file " \
-                                                   "such as params.yaml\n"
+    assert (
+        plain.exit_code == 2
+        and plain.output == f"error: {tmp_path}: is a directory; --params takes a YAML file such as params.yaml\n"
+    )
     assert isinstance(debug.exception, ParamsError) and debug.exc_info[2] is not None
 
 
 def test_prepare_needs_downloads_only_for_archives(tmp_path):
     """Issue 14: `prepare` asked for --downloads for datasets that never download."""
     params = str(write_params(tmp_path / "p.yaml", datasets={"synthetic": {"train_per_class": 2, "test_per_class": 1}}))
-    synthetic = runner.invoke(app, ["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "raw"),
-                                    "--params", params])
+    synthetic = runner.invoke(
+        app, ["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "raw"), "--params", params]
+    )
     assert synthetic.exit_code == 0, synthetic.output
     cifar = runner.invoke(app, ["prepare", "--dataset", "cifar10", "--out", str(tmp_path / "c"), "--params", params])
     assert cifar.exit_code == 1

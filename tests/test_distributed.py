@@ -47,8 +47,9 @@ def _rank(rank: int, store: str, out: str) -> None:
     for separate in (False, True):  # pipeline.step.backward, one pass or the regularizer's own pass first
         model.zero_grad(set_to_none=True)
         p_a, p_b = model(z_a[local], z_b[local])
-        losses = SimpleNamespace(ssl=nt_xent(p_a, p_b, 0.3), classification=torch.zeros(()),
-                                 regularizer=0.3 * (p_a**2).mean())  # rank-local, as I(Z1;Z2)
+        losses = SimpleNamespace(
+            ssl=nt_xent(p_a, p_b, 0.3), classification=torch.zeros(()), regularizer=0.3 * (p_a**2).mean()
+        )  # rank-local, as I(Z1;Z2)
         run = SimpleNamespace(variant=SimpleNamespace(mi_grad_fp32=separate), reduced_precision=True)
         backward(losses, run, list(model.parameters()))
         results[f"separate={separate}"] = model.module.linear.weight.grad.clone()
@@ -96,8 +97,10 @@ def test_regularizer_with_its_own_backward_is_all_reduced_like_the_summed_loss(r
 def test_barlow_twins_averages_the_cross_correlation_as_the_reference(ranks):
     """Each rank normalizes its own batch; c is the mean of the ranks' c; gradients flow through the local c."""
     z_a, z_b = global_batch()
-    halves = [(z_a[:8].clone().requires_grad_(), z_b[:8].clone().requires_grad_()),
-              (z_a[8:].clone().requires_grad_(), z_b[8:].clone().requires_grad_())]
+    halves = [
+        (z_a[:8].clone().requires_grad_(), z_b[:8].clone().requires_grad_()),
+        (z_a[8:].clone().requires_grad_(), z_b[8:].clone().requires_grad_()),
+    ]
 
     def bn(z):
         return torch.nn.functional.batch_norm(z, None, None, training=True, eps=1e-5)
@@ -117,13 +120,38 @@ def test_barlow_twins_averages_the_cross_correlation_as_the_reference(ranks):
 def test_pretrain_stage_runs_under_torchrun(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     # --local-addr: in scripts/container-check's container the hostname does not resolve
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr=127.0.0.1",
-               f"--nproc-per-node={WORLD}", "-m", "stages", "pretrain",
-               "--params", str(tiny_params(tmp_path / "p.yaml", epochs=2)),
-               "--dataset", "synthetic", "--method", "barlow_twins", "--variant", "baseline", "--seed", "0",
-               "--data", str(tiny_dataset / "ffcv"), "--metadata", str(tiny_dataset / "meta.json"),
-               "--out", str(out), "--metrics", str(out / "metrics.json")]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--local-addr=127.0.0.1",
+        f"--nproc-per-node={WORLD}",
+        "-m",
+        "stages",
+        "pretrain",
+        "--params",
+        str(tiny_params(tmp_path / "p.yaml", epochs=2)),
+        "--dataset",
+        "synthetic",
+        "--method",
+        "barlow_twins",
+        "--variant",
+        "baseline",
+        "--seed",
+        "0",
+        "--data",
+        str(tiny_dataset / "ffcv"),
+        "--metadata",
+        str(tiny_dataset / "meta.json"),
+        "--out",
+        str(out),
+        "--metrics",
+        str(out / "metrics.json"),
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["world_size"] == WORLD
     assert len((out / "log.csv").read_text().splitlines()) == 1 + 2

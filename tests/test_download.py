@@ -101,14 +101,19 @@ def test_truncated_archive_is_refused(server, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["downloads", "params.yaml"]
 
 
-@pytest.mark.parametrize("evil, message", [
-    (member("../../escape.bin", b"evil"), "unsafe path '../../escape.bin'"),
-    (member("/etc/evil.bin", b"evil"), "unsafe path '/etc/evil.bin'"),
-    (member("cifar-10-batches-bin/link", kind=tarfile.SYMTYPE, linkname="/etc/passwd"), "links and devices"),
-    (member("cifar-10-batches-bin/hard", kind=tarfile.LNKTYPE, linkname="cifar-10-batches-bin/readme.html"),
-     "links and devices"),
-    (member("cifar-10-batches-bin/dev", kind=tarfile.CHRTYPE), "links and devices"),
-])
+@pytest.mark.parametrize(
+    "evil, message",
+    [
+        (member("../../escape.bin", b"evil"), "unsafe path '../../escape.bin'"),
+        (member("/etc/evil.bin", b"evil"), "unsafe path '/etc/evil.bin'"),
+        (member("cifar-10-batches-bin/link", kind=tarfile.SYMTYPE, linkname="/etc/passwd"), "links and devices"),
+        (
+            member("cifar-10-batches-bin/hard", kind=tarfile.LNKTYPE, linkname="cifar-10-batches-bin/readme.html"),
+            "links and devices",
+        ),
+        (member("cifar-10-batches-bin/dev", kind=tarfile.CHRTYPE), "links and devices"),
+    ],
+)
 def test_malicious_members_reject_the_archive(server, tmp_path, evil, message):
     archive, _ = cifar_archive(CIFAR10, 10, per_file=5, extra=[evil])
     params = serve(server, tmp_path, "cifar10", archive)
@@ -147,10 +152,24 @@ def test_archive_placed_in_downloads_works_offline(tmp_path):
     archive, _ = cifar_archive(CIFAR10, 10, per_file=5)
     (tmp_path / "downloads").mkdir()
     (tmp_path / "downloads" / "cifar10.tar.gz").write_bytes(archive)
-    params = write_params(tmp_path / "p.yaml", datasets={"cifar10": {"url": "http://127.0.0.1:9/cifar.tar.gz",
-                                                                     "md5": md5(archive), "member_md5": {}}})
-    result = CliRunner().invoke(app, ["prepare", "--dataset", "cifar10", "--out", str(tmp_path / "raw"),
-                                      "--downloads", str(tmp_path / "downloads"), "--params", str(params)])
+    params = write_params(
+        tmp_path / "p.yaml",
+        datasets={"cifar10": {"url": "http://127.0.0.1:9/cifar.tar.gz", "md5": md5(archive), "member_md5": {}}},
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            "--dataset",
+            "cifar10",
+            "--out",
+            str(tmp_path / "raw"),
+            "--downloads",
+            str(tmp_path / "downloads"),
+            "--params",
+            str(params),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "already downloaded, MD5 verified" in result.output
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == sorted((*CIFAR10.train, CIFAR10.test, CIFAR10.names))

@@ -15,9 +15,14 @@ from tests.helpers import REPO, tiny_sections, write_params
 
 pytestmark = pytest.mark.slow
 SMALL = tiny_sections() | {
-    "experiment": {"datasets": ["synthetic"], "methods": ["simclr", "barlow_twins"], "variants": ["baseline"],
-                   "seeds": [0]},
-    "datasets": {"synthetic": {"train_per_class": 20, "test_per_class": 5}}}
+    "experiment": {
+        "datasets": ["synthetic"],
+        "methods": ["simclr", "barlow_twins"],
+        "variants": ["baseline"],
+        "seeds": [0],
+    },
+    "datasets": {"synthetic": {"train_per_class": 20, "test_per_class": 5}},
+}
 
 
 def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -57,8 +62,14 @@ def test_killed_pretrain_resumes_under_dvc_and_only_changed_cells_rerun(project)
     run(project, "dvc", "repro", "convert@synthetic")
     cell = "pretrain@synthetic-simclr-baseline-0"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    repro = subprocess.Popen(["dvc", "repro", cell], cwd=project, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    repro = subprocess.Popen(
+        ["dvc", "repro", cell],
+        cwd=project,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = project / "runs" / "synthetic" / "simclr" / "baseline" / "seed0" / "checkpoint.pt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and repro.poll() is None and time.monotonic() < deadline:
@@ -71,10 +82,15 @@ def test_killed_pretrain_resumes_under_dvc_and_only_changed_cells_rerun(project)
     assert metrics["epochs"] == 3 and metrics["seed"] == 0
     assert "up to date" in run(project, "dvc", "status").stdout
 
-    write_params(project / "params.yaml", project / "params.yaml",
-                 pretrain={"synthetic": {"barlow_twins": {"common": {"base_lr": 0.2}}}})
+    write_params(
+        project / "params.yaml",
+        project / "params.yaml",
+        pretrain={"synthetic": {"barlow_twins": {"common": {"base_lr": 0.2}}}},
+    )
     assert set(json.loads(run(project, "dvc", "status", "--json").stdout)) == {
-        "pretrain@synthetic-barlow_twins-baseline-0", "untrained@synthetic-barlow_twins-0"}
+        "pretrain@synthetic-barlow_twins-baseline-0",
+        "untrained@synthetic-barlow_twins-0",
+    }
 
 
 def test_repro_with_a_params_typo_fails_and_names_it(project):
@@ -86,8 +102,11 @@ def test_repro_with_a_params_typo_fails_and_names_it(project):
 
 
 def test_whole_dag_then_audit(project):
-    write_params(project / "params.yaml", project / "params.yaml",
-                 experiment={"methods": ["simclr"], "variants": ["baseline", "sae"], "seeds": [0, 1]})
+    write_params(
+        project / "params.yaml",
+        project / "params.yaml",
+        experiment={"methods": ["simclr"], "variants": ["baseline", "sae"], "seeds": [0, 1]},
+    )
     run(project, "dvc", "repro")
     assert "| synthetic | simclr | sae |" in (project / "reports" / "results.md").read_text()
     assert "audit: OK" in run(project, "python", "-m", "stages", "audit").stdout
@@ -101,15 +120,28 @@ def test_whole_dag_then_audit(project):
     metrics.write_text(original)
 
     # A variant's knob reruns that variant only: its pretraining, then its evaluation and the report
-    write_params(project / "params.yaml", project / "params.yaml",
-                 pretrain={"synthetic": {"simclr": {"variants": {"sae": {"sae_topk": 5}}}}})
+    write_params(
+        project / "params.yaml",
+        project / "params.yaml",
+        pretrain={"synthetic": {"simclr": {"variants": {"sae": {"sae_topk": 5}}}}},
+    )
     assert set(json.loads(run(project, "dvc", "status", "--json").stdout)) == {
-        "pretrain@synthetic-simclr-sae-0", "pretrain@synthetic-simclr-sae-1"}
-    assert would_run(project) == {"pretrain@synthetic-simclr-sae-0", "pretrain@synthetic-simclr-sae-1",
-                                  "linear-eval@synthetic-simclr-sae-0", "linear-eval@synthetic-simclr-sae-1", "report"}
+        "pretrain@synthetic-simclr-sae-0",
+        "pretrain@synthetic-simclr-sae-1",
+    }
+    assert would_run(project) == {
+        "pretrain@synthetic-simclr-sae-0",
+        "pretrain@synthetic-simclr-sae-1",
+        "linear-eval@synthetic-simclr-sae-0",
+        "linear-eval@synthetic-simclr-sae-1",
+        "report",
+    }
     # A shared knob reruns every variant, and the untrained reference (the same initial encoder)
-    write_params(project / "params.yaml", project / "params.yaml",
-                 pretrain={"synthetic": {"simclr": {"common": {"projector_out_dim": 8}}}})
+    write_params(
+        project / "params.yaml",
+        project / "params.yaml",
+        pretrain={"synthetic": {"simclr": {"common": {"projector_out_dim": 8}}}},
+    )
     assert {cell.split("@")[0] for cell in would_run(project)} == {"pretrain", "linear-eval", "untrained", "report"}
     assert len(would_run(project)) == 2 * 2 + 2 * 2 + 2 + 1
 

@@ -18,16 +18,26 @@ from tests.helpers import REPO
 
 DVC = YAML(typ="safe", pure=True).load((REPO / "dvc.yaml").read_text())
 # Modules that do not change what a stage computes: messages, progress display, staging of outputs, FFCV's import.
-NOT_DEPENDENCIES = {"pipeline/__init__.py", "pipeline/errors.py", "pipeline/progress.py", "pipeline/atomic.py",
-                    "pipeline/_ffcv.py"}
+NOT_DEPENDENCIES = {
+    "pipeline/__init__.py",
+    "pipeline/errors.py",
+    "pipeline/progress.py",
+    "pipeline/atomic.py",
+    "pipeline/_ffcv.py",
+}
 
 
 def imported_pipeline_modules(tree: ast.AST, seen: set[Path] | None = None) -> set[Path]:
     """Files of `pipeline` that `tree` imports, directly or through other pipeline modules (any scope)."""
     seen = set() if seen is None else seen
     for node in ast.walk(tree):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
         for name in names:
             if name.split(".")[0] != "pipeline":
                 continue
@@ -41,8 +51,9 @@ def imported_pipeline_modules(tree: ast.AST, seen: set[Path] | None = None) -> s
 
 def command(cmd: str) -> tuple[Path, ast.Module]:
     """The file of a stage's command, and the code that runs it: the file's top level and the command's function."""
-    function = inspect.unwrap(typer.main.get_command(app).commands[re.search(r"python -m stages ([\w-]+)", cmd)
-                                                                      .group(1)].callback)
+    function = inspect.unwrap(
+        typer.main.get_command(app).commands[re.search(r"python -m stages ([\w-]+)", cmd).group(1)].callback
+    )
     path = Path(inspect.getsourcefile(function))
     module = ast.parse(path.read_text())
     module.body = [n for n in module.body if not isinstance(n, ast.FunctionDef) or n.name == function.__name__]
@@ -52,8 +63,11 @@ def command(cmd: str) -> tuple[Path, ast.Module]:
 @pytest.mark.parametrize("stage", list(DVC["stages"]))
 def test_deps_cover_the_code_the_command_runs(stage):
     spec = DVC["stages"][stage].get("do", DVC["stages"][stage])
-    deps = [REPO / dep for dep in spec["deps"] if not dep.startswith(("data/", "metrics/", "runs/", "references/"))
-            and "${" not in dep]
+    deps = [
+        REPO / dep
+        for dep in spec["deps"]
+        if not dep.startswith(("data/", "metrics/", "runs/", "references/")) and "${" not in dep
+    ]
     path, code = command(spec["cmd"])
     assert path in deps, f"{stage}: {path.relative_to(REPO)} is not a dependency"
     needed = {m for m in imported_pipeline_modules(code) if str(m.relative_to(REPO)) not in NOT_DEPENDENCIES}

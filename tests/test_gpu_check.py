@@ -11,17 +11,30 @@ import torch
 
 from tests.helpers import REPO
 
-SECTIONS = {"throughput", "augmentation", "memory", "sync", "precision", "gradients", "distributed", "loader",
-            "packing", "compile", "done"}
+SECTIONS = {
+    "throughput",
+    "augmentation",
+    "memory",
+    "sync",
+    "precision",
+    "gradients",
+    "distributed",
+    "loader",
+    "packing",
+    "compile",
+    "done",
+}
 GPU_ONLY = {"sync", "distributed", "loader", "packing", "compile"}
 NOT_NEEDED = ("ffcv", "torchvision", "typer", "dvc", "matplotlib")  # project packages the script must not need
 
 
 def gpu_check(tmp_path, *args: str, timeout: float) -> tuple[dict, dict]:
     """Run the script with the packages of NOT_NEEDED made unimportable; (the JSON printed, the JSON written)."""
-    block = f"import sys, runpy; sys.modules.update(dict.fromkeys({NOT_NEEDED!r})); " \
-            f"sys.argv = ['gpu-check', *{[*args, str(tmp_path / 'report.json')]!r}]; " \
-            "runpy.run_path('scripts/gpu-check', run_name='__main__')"
+    block = (
+        f"import sys, runpy; sys.modules.update(dict.fromkeys({NOT_NEEDED!r})); "
+        f"sys.argv = ['gpu-check', *{[*args, str(tmp_path / 'report.json')]!r}]; "
+        "runpy.run_path('scripts/gpu-check', run_name='__main__')"
+    )
     done = subprocess.run([sys.executable, "-c", block], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout), json.loads((tmp_path / "report.json").read_text())

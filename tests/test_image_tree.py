@@ -26,9 +26,17 @@ def tree_params(tmp_path, name, root, **extra):
 def folder_cli(tmp_path, command: str, **folder):
     """`prepare` or `convert` of the `folder` dataset at tmp_path/tree, through the CLI, in this process."""
     params = write_params(tmp_path / "p.yaml", datasets={"folder": {"root": str(tmp_path / "tree"), **folder}})
-    paths = {"prepare": ["--out", str(tmp_path / "raw")],
-             "convert": ["--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "ffcv"),
-                         "--metadata", str(tmp_path / "meta.json")]}[command]
+    paths = {
+        "prepare": ["--out", str(tmp_path / "raw")],
+        "convert": [
+            "--raw",
+            str(tmp_path / "raw"),
+            "--out",
+            str(tmp_path / "ffcv"),
+            "--metadata",
+            str(tmp_path / "meta.json"),
+        ],
+    }[command]
     return CliRunner().invoke(app, [command, "--dataset", "folder", "--params", str(params), *paths])
 
 
@@ -59,8 +67,9 @@ def test_imagenet100_lists_missing_classes(tmp_path):
     assert not (tmp_path / "raw").exists()
 
 
-@pytest.mark.parametrize("root, message", [(None, "datasets.imagenet100.root is not set"),
-                                           ("/nonexistent", "no such folder")])
+@pytest.mark.parametrize(
+    "root, message", [(None, "datasets.imagenet100.root is not set"), ("/nonexistent", "no such folder")]
+)
 def test_imagenet100_root_problems(tmp_path, root, message):
     params = load_params(write_params(tmp_path / "p.yaml", datasets={"imagenet100": {"root": root}}))
     with pytest.raises(UserError, match=message):
@@ -110,9 +119,19 @@ def test_zero_byte_first_image_fails_convert_promptly(tmp_path):
     make_tree(tmp_path / "tree", ["a", "b"], per_split=(("train", 300), ("val", 5)), size=(8, 8), fmt="PNG")
     (tmp_path / "tree" / "train" / "a" / "0.jpg").write_bytes(b"")  # sorts first
     assert folder_cli(tmp_path, "prepare").exit_code == 0
-    convert = stage_process("convert", "--dataset", "folder", "--params", str(tmp_path / "p.yaml"),
-                            "--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "ffcv"),
-                            "--metadata", str(tmp_path / "m.json"))
+    convert = stage_process(
+        "convert",
+        "--dataset",
+        "folder",
+        "--params",
+        str(tmp_path / "p.yaml"),
+        "--raw",
+        str(tmp_path / "raw"),
+        "--out",
+        str(tmp_path / "ffcv"),
+        "--metadata",
+        str(tmp_path / "m.json"),
+    )
     try:
         output = convert.communicate(timeout=60)[0]
     except subprocess.TimeoutExpired:
@@ -129,8 +148,11 @@ def test_raw_mode_refuses_an_image_of_another_size(tmp_path):
     Image.new("L", (10000, 10000)).save(tmp_path / "tree" / "train" / "b" / "1.png")
     assert folder_cli(tmp_path, "prepare").exit_code == 0
     result = folder_cli(tmp_path, "convert")
-    assert_refused(result, f"error: {tmp_path / 'tree/train/b/1.png'}: 10000x10000 pixels, but 9 other images are "
-                           "32x32 and datasets.folder images must all have one size")
+    assert_refused(
+        result,
+        f"error: {tmp_path / 'tree/train/b/1.png'}: 10000x10000 pixels, but 9 other images are "
+        "32x32 and datasets.folder images must all have one size",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml", "raw", "tree"]
 
 
@@ -142,9 +164,15 @@ def test_class_folder_only_in_val_is_an_error(tmp_path):
     assert not (tmp_path / "raw").exists()
 
 
-@pytest.mark.parametrize("folders, message", [(("val",), None), (("test",), None),
-                                              (("val", "test"), "both val/ and test/ folders there"),
-                                              ((), "no val/ or test/ folder there")])
+@pytest.mark.parametrize(
+    "folders, message",
+    [
+        (("val",), None),
+        (("test",), None),
+        (("val", "test"), "both val/ and test/ folders there"),
+        ((), "no val/ or test/ folder there"),
+    ],
+)
 def test_test_split_folder_is_val_or_test(tmp_path, folders, message):
     make_tree(tmp_path / "tree", ["a", "b"], per_split=(("train", 2), *((f, 1) for f in folders)))
     result = folder_cli(tmp_path, "prepare")
@@ -184,11 +212,13 @@ def test_16_bit_images_keep_their_high_byte_with_a_warning(tmp_path):
     """Issue 14: a 16-bit PNG was squashed to 8 bits without a word (grayscale: clipped to white)."""
     make_tree(tmp_path / "tree", ["a", "b"], per_split=(("train", 2), ("val", 1)), size=(4, 4), fmt="PNG")
     write_png16(tmp_path / "tree" / "train" / "a" / "0.png", np.full((4, 4), 0x1234, np.uint16))
-    write_png16(tmp_path / "tree" / "train" / "b" / "0.png", np.full((4, 4, 3), [0xff00, 0x00ff, 0x8080], np.uint16))
+    write_png16(tmp_path / "tree" / "train" / "b" / "0.png", np.full((4, 4, 3), [0xFF00, 0x00FF, 0x8080], np.uint16))
     assert folder_cli(tmp_path, "prepare").exit_code == 0
     result = folder_cli(tmp_path, "convert")
     assert result.exit_code == 0, result.output
-    assert (f"2 16-bit image(s), e.g. {tmp_path / 'tree/train/a/0.png'}: stored with 8 bits per channel "
-            "(the high byte of each value)") in result.output
+    assert (
+        f"2 16-bit image(s), e.g. {tmp_path / 'tree/train/a/0.png'}: stored with 8 bits per channel "
+        "(the high byte of each value)"
+    ) in result.output
     images = np.concatenate([x.numpy() for x, _ in eval_loader(tmp_path / "ffcv" / "train.beton", 4)])
-    assert images[0, :, 0, 0].tolist() == [0x12] * 3 and images[2, :, 0, 0].tolist() == [0xff, 0x00, 0x80]
+    assert images[0, :, 0, 0].tolist() == [0x12] * 3 and images[2, :, 0, 0].tolist() == [0xFF, 0x00, 0x80]

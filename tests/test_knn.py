@@ -20,7 +20,9 @@ def test_knn_scores_match_a_direct_vote():
 def test_knn_is_scale_invariant_and_handles_k_above_n():
     torch.manual_seed(1)
     train, labels, test = torch.randn(10, 3), torch.randint(0, 2, (10,)), torch.randn(4, 3)
-    torch.testing.assert_close(knn_scores(train, labels, test, 2, k=200), knn_scores(5 * train, labels, test / 3, 2, k=10))
+    torch.testing.assert_close(
+        knn_scores(train, labels, test, 2, k=200), knn_scores(5 * train, labels, test / 3, 2, k=10)
+    )
 
 
 def test_knn_separates_clusters_and_topk_accuracy():

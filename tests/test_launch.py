@@ -25,9 +25,15 @@ from tests.helpers import REPO, tiny_sections, write_params
 # Every params override of these tests. `tiny`: 2 methods x 2 seeds of seconds-long cells (the 2 x 2 matrix);
 # the others are merged on top of it for one launch each and touch the barlow_twins cells only.
 PARAMS = {
-    "tiny": tiny_sections() | {
-        "experiment": {"datasets": ["synthetic"], "methods": ["simclr", "barlow_twins"], "variants": ["baseline"],
-                       "seeds": [0, 1]}},
+    "tiny": tiny_sections()
+    | {
+        "experiment": {
+            "datasets": ["synthetic"],
+            "methods": ["simclr", "barlow_twins"],
+            "variants": ["baseline"],
+            "seeds": [0, 1],
+        }
+    },
     "longer": {"pretrain": {"synthetic": {"barlow_twins": {"common": {"epochs": 20}}}}},  # time to requeue mid-training
     "failing": {"pretrain": {"synthetic": {"barlow_twins": {"common": {"batch_size": 1000}}}}},  # > the 80 images
 }
@@ -83,7 +89,7 @@ def attempts(project: Path, cell: str) -> list[tuple[float, float, str]]:
 def check_two_at_a_time_on_distinct_gpus(project: Path, cells: list[str]) -> None:
     spans = [span for cell in cells for span in attempts(project, cell)]
     assert len(spans) == len(cells)
-    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1]]
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1 :] if a[0] < b[1] and b[0] < a[1]]
     assert overlapping, f"no two cells ran at once: {spans}"
     assert all(a[2] != b[2] for a, b in overlapping), f"two cells shared a GPU: {overlapping}"
     assert max(sum(s[0] <= t < s[1] for s in spans) for t, _, _ in spans) == 2, spans
@@ -139,8 +145,11 @@ def slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
     environment its commands need and stops it afterwards. Fails in CI (CI set) when it cannot start."""
     missing = [command for command in SLURM_COMMANDS if shutil.which(command) is None]
     if missing or os.geteuid() != 0:
-        reason = (f"Slurm's {', '.join(missing)} not found (apt-get install slurm-wlm munge)" if missing
-                  else "slurmd needs root")
+        reason = (
+            f"Slurm's {', '.join(missing)} not found (apt-get install slurm-wlm munge)"
+            if missing
+            else "slurmd needs root"
+        )
         if os.environ.get("CI"):
             pytest.fail(f"{reason}: CI must run the Slurm test")
         pytest.skip(reason)
@@ -154,16 +163,29 @@ def slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
     (root / "gres.conf").write_text("NodeName=localhost Name=gpu File=/dev/tty[0-1]\n")
     env = {**os.environ, "SLURM_CONF": str(conf)}
     daemons = []
-    for command in (["munged", "--foreground", "--force", f"--socket={root}/munge/socket",
-                     f"--key-file={root}/munge.key", f"--log-file={root}/log/munged.log",
-                     f"--pid-file={root}/munged.pid", f"--seed-file={root}/seed"],
-                    ["slurmctld", "-D", "-f", str(conf)], ["slurmd", "-D", "-f", str(conf)]):
+    for command in (
+        [
+            "munged",
+            "--foreground",
+            "--force",
+            f"--socket={root}/munge/socket",
+            f"--key-file={root}/munge.key",
+            f"--log-file={root}/log/munged.log",
+            f"--pid-file={root}/munged.pid",
+            f"--seed-file={root}/seed",
+        ],
+        ["slurmctld", "-D", "-f", str(conf)],
+        ["slurmd", "-D", "-f", str(conf)],
+    ):
         with open(root / "log" / f"{command[0]}.out", "w") as out:
             daemons.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT))
         time.sleep(0.5)
     try:
-        wait_for(lambda: "idle" in run(root, "sinfo", "-h", "-o", "%T", env=env, check=False).stdout, 30,
-                 lambda: "Slurm did not start:\n" + "".join(p.read_text() for p in (root / "log").iterdir()))
+        wait_for(
+            lambda: "idle" in run(root, "sinfo", "-h", "-o", "%T", env=env, check=False).stdout,
+            30,
+            lambda: "Slurm did not start:\n" + "".join(p.read_text() for p in (root / "log").iterdir()),
+        )
         yield env
     finally:
         run(root, "scancel", "--user=root", env=env, check=False)
@@ -186,17 +208,24 @@ def wait_for(condition, timeout_s: float, message) -> None:
 
 def wait_for_jobs(project: Path, env: dict[str, str], jobs: list[str]) -> None:
     def logs() -> str:
-        return "\n".join(f"== {log.name}\n{log.read_text()[-3000:]}"
-                         for log in sorted((project / "logs" / "launch").iterdir()))
+        return "\n".join(
+            f"== {log.name}\n{log.read_text()[-3000:]}" for log in sorted((project / "logs" / "launch").iterdir())
+        )
+
     # squeue lists pending and running jobs; once Slurm forgets a finished job it exits 1: "Invalid job id"
-    wait_for(lambda: not run(project, "squeue", "-h", "-j", ",".join(jobs), env=env, check=False).stdout.strip(), 600,
-             lambda: f"jobs {jobs} still queued after 10 minutes:\n{logs()}")
+    wait_for(
+        lambda: not run(project, "squeue", "-h", "-j", ",".join(jobs), env=env, check=False).stdout.strip(),
+        600,
+        lambda: f"jobs {jobs} still queued after 10 minutes:\n{logs()}",
+    )
 
 
 def submitted(output: str) -> tuple[str, str]:
     """The cells' job id and the final job's, from what `launch` printed."""
-    return (re.search(r"submitted job (\d+): \d+ cells", output)[1],
-            re.search(r"submitted job (\d+): dvc repro", output)[1])
+    return (
+        re.search(r"submitted job (\d+): \d+ cells", output)[1],
+        re.search(r"submitted job (\d+): dvc repro", output)[1],
+    )
 
 
 @pytest.mark.slow
@@ -229,8 +258,11 @@ def test_slurm_runs_cells_two_at_a_time_requeued_tasks_resume_and_a_relaunch_run
         time.sleep(0.05)
     assert not waiting, f"no checkpoint for {waiting}"
     for task in interrupt:  # a requeued task may start again after about 2 minutes: start it now
-        wait_for(lambda: "PENDING" in run(project, "squeue", "-h", "-o", "%T", "-j", task, env=slurm).stdout, 60,
-                 lambda: f"{task} was not requeued")
+        wait_for(
+            lambda task=task: "PENDING" in run(project, "squeue", "-h", "-o", "%T", "-j", task, env=slurm).stdout,
+            60,
+            lambda task=task: f"{task} was not requeued",
+        )
         time.sleep(2)  # slurmd refuses a job started again within the second it was killed ("already killed")
         run(project, "scontrol", "update", f"jobid={task}", "StartTime=now", env=slurm)
     wait_for_jobs(project, slurm, [cells_job, final_job])
@@ -272,10 +304,30 @@ def test_local_runs_cells_on_pinned_gpus_reports_failures_and_a_relaunch_runs_on
 @pytest.mark.slow
 def test_pretrain_reexecutes_itself_under_torchrun_when_asked(tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "stages", "pretrain", "--params",
-               str(write_params(tmp_path / "p.yaml", **PARAMS["tiny"])), "--dataset", "synthetic",
-               "--method", "barlow_twins", "--variant", "baseline", "--seed", "0", "--data", str(tiny_dataset / "ffcv"),
-               "--metadata", str(tiny_dataset / "meta.json"), "--out", str(out), "--metrics", str(out / "metrics.json")]
+    command = [
+        sys.executable,
+        "-m",
+        "stages",
+        "pretrain",
+        "--params",
+        str(write_params(tmp_path / "p.yaml", **PARAMS["tiny"])),
+        "--dataset",
+        "synthetic",
+        "--method",
+        "barlow_twins",
+        "--variant",
+        "baseline",
+        "--seed",
+        "0",
+        "--data",
+        str(tiny_dataset / "ffcv"),
+        "--metadata",
+        str(tiny_dataset / "meta.json"),
+        "--out",
+        str(out),
+        "--metrics",
+        str(out / "metrics.json"),
+    ]
     env = {**os.environ, NPROC_VARIABLE: "2", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -296,11 +348,15 @@ def test_slots_pin_gpu_groups_k_cells_each():
 
 def test_progress_is_read_from_the_current_stage_of_the_log(tmp_path):
     log = tmp_path / "cell.log"
-    log.write_text("launch: start 1796074065.43 CUDA_VISIBLE_DEVICES=0\nRunning stage 'pretrain@c':\n"
-                   "12:00:01 epoch 2/3: 50% (3 steps) loss 3.4  145 images/s\n")
+    log.write_text(
+        "launch: start 1796074065.43 CUDA_VISIBLE_DEVICES=0\nRunning stage 'pretrain@c':\n"
+        "12:00:01 epoch 2/3: 50% (3 steps) loss 3.4  145 images/s\n"
+    )
     assert read_progress(log) == {"stage": "pretrain", "epoch": "2/3", "images/s": "145"}
-    log.write_text(log.read_text() + "12:00:02 epoch 2/3: ssl_loss 3.4, lr 0.01, images_per_s 1523.7, "
-                   "online_test_acc 0.2\nUpdating lock file 'dvc.lock'\n")
+    log.write_text(
+        log.read_text() + "12:00:02 epoch 2/3: ssl_loss 3.4, lr 0.01, images_per_s 1523.7, "
+        "online_test_acc 0.2\nUpdating lock file 'dvc.lock'\n"
+    )
     assert read_progress(log)["images/s"] == "1,524"
     log.write_text(log.read_text() + "Running stage 'linear-eval@c':\n")
     assert read_progress(log) == {"stage": "linear-eval"}
@@ -308,13 +364,18 @@ def test_progress_is_read_from_the_current_stage_of_the_log(tmp_path):
     assert read_progress(log) == {"stage": ""}
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--backend", "slurm"], "sbatch not found: --backend slurm submits jobs with Slurm's sbatch"),
-    (["--backend", "local", "--partition", "gpu", "--time", "1:00:00"], "--partition, --time: not an option of "
-                                                                          "--backend local"),
-    (["--backend", "slurm", "--cpu-jobs", "2"], "--cpu-jobs: not an option of --backend slurm"),
-    (["--backend", "local", "--gpus", "", "--gpus-per-cell", "2"], "--gpus-per-cell 2: no GPU found"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--backend", "slurm"], "sbatch not found: --backend slurm submits jobs with Slurm's sbatch"),
+        (
+            ["--backend", "local", "--partition", "gpu", "--time", "1:00:00"],
+            "--partition, --time: not an option of --backend local",
+        ),
+        (["--backend", "slurm", "--cpu-jobs", "2"], "--cpu-jobs: not an option of --backend slurm"),
+        (["--backend", "local", "--gpus", "", "--gpus-per-cell", "2"], "--gpus-per-cell 2: no GPU found"),
+    ],
+)
 def test_user_errors_are_one_line_without_traceback(options, message, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
     result = CliRunner().invoke(app, ["launch", *options])
@@ -323,8 +384,24 @@ def test_user_errors_are_one_line_without_traceback(options, message, tmp_path, 
 
 
 def test_pretrain_refuses_a_bad_process_count(tmp_path):
-    cell = ["--dataset", "synthetic", "--method", "simclr", "--variant", "baseline", "--seed", "0", "--data", "d",
-            "--metadata", "m.json", "--out", str(tmp_path / "run"), "--metrics", str(tmp_path / "m.json")]
+    cell = [
+        "--dataset",
+        "synthetic",
+        "--method",
+        "simclr",
+        "--variant",
+        "baseline",
+        "--seed",
+        "0",
+        "--data",
+        "d",
+        "--metadata",
+        "m.json",
+        "--out",
+        str(tmp_path / "run"),
+        "--metrics",
+        str(tmp_path / "m.json"),
+    ]
     result = CliRunner().invoke(app, ["pretrain", *cell], env={NPROC_VARIABLE: "two"})
     assert result.exit_code == 1 and "PROJECTOR_IB_NPROC='two': expected a number of processes" in result.output
     assert not (tmp_path / "run").exists()

@@ -31,15 +31,29 @@ def tiny_run(path, dataset, variant="baseline", seed=0, method="simclr"):
 @pytest.mark.parametrize("optimizer, schedule", [("sgd", "warmup_cosine"), ("sgd", "step"), ("lars", "warmup_cosine")])
 def test_probe_learns_separable_features_deterministically(params, tiny_dataset, tmp_path, optimizer, schedule):
     run, _ = tiny_run(tiny_params(tmp_path / "p.yaml"), tiny_dataset)
-    fit = params.linear_eval.probe.model_copy(update={
-        "epochs": 20, "batch_size": 32, "optimizer": optimizer, "schedule": schedule, "warmup_epochs": 2,
-        "lr_decay_epochs": [12, 16] if schedule == "step" else [], "base_lr": 0.8 if optimizer == "sgd" else 16.0})
+    fit = params.linear_eval.probe.model_copy(
+        update={
+            "epochs": 20,
+            "batch_size": 32,
+            "optimizer": optimizer,
+            "schedule": schedule,
+            "warmup_epochs": 2,
+            "lr_decay_epochs": [12, 16] if schedule == "step" else [],
+            "base_lr": 0.8 if optimizer == "sgd" else 16.0,
+        }
+    )
     features, labels = clusters(40, seed=1)
     weights = []
     for _ in range(2):
         torch.manual_seed(0)
-        probe = _fit(torch.nn.Linear(16, 5), *feature_batches(features, labels, fit, run, CPU), fit, params.optimizer,
-                     "fp32", "test")
+        probe = _fit(
+            torch.nn.Linear(16, 5),
+            *feature_batches(features, labels, fit, run, CPU),
+            fit,
+            params.optimizer,
+            "fp32",
+            "test",
+        )
         weights.append(probe.weight.detach())
     torch.testing.assert_close(weights[0], weights[1])
     test_features, test_labels = clusters(20, seed=2)
@@ -57,8 +71,11 @@ def pretrained(tiny_dataset, tmp_path_factory):
 
 @pytest.mark.parametrize("protocol", ["finetune", "augmented", "features"])
 def test_only_finetune_changes_the_encoder(tiny_dataset, pretrained, tmp_path, protocol):
-    path = write_params(tmp_path / "p.yaml", tiny_params(tmp_path / "p.yaml", epochs=1),
-                        linear_eval={"synthetic": {"simclr": {"protocol": protocol}}})
+    path = write_params(
+        tmp_path / "p.yaml",
+        tiny_params(tmp_path / "p.yaml", epochs=1),
+        linear_eval={"synthetic": {"simclr": {"protocol": protocol}}},
+    )
     run, params = tiny_run(path, tiny_dataset)
     backbone = load_backbone(run, pretrained)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
@@ -79,17 +96,29 @@ def test_untrained_encoder_is_the_pretraining_runs_starting_point(tiny_dataset, 
     torch.manual_seed(run.seed)
     torch.save({"model": build_model(run).state_dict()}, tmp_path / "initial.pt")
     untrained, _ = tiny_run(path, tiny_dataset, "untrained", seed=3)
-    results = [linear_eval(r, load_backbone(r, checkpoint), tiny_dataset / "ffcv", params.linear_eval,
-                           params.optimizer, CPU) for r, checkpoint in ((untrained, None), (run, tmp_path / "initial.pt"))]
+    results = [
+        linear_eval(r, load_backbone(r, checkpoint), tiny_dataset / "ffcv", params.linear_eval, params.optimizer, CPU)
+        for r, checkpoint in ((untrained, None), (run, tmp_path / "initial.pt"))
+    ]
     assert results[0].model_dump() == results[1].model_dump() | {"variant": "untrained", "pretrained": False}
 
 
 def test_defaults_are_the_reference_protocols(params):
     """docs/method.md 4.1: what the reference's scripts/linear/*.yaml run."""
+
     def row(dataset, method):
         s = getattr(getattr(params.linear_eval, dataset), method)
-        return (s.protocol, s.optimizer, s.base_lr, s.batch_size, s.weight_decay, s.schedule, s.epochs,
-                s.lr_decay_epochs)
+        return (
+            s.protocol,
+            s.optimizer,
+            s.base_lr,
+            s.batch_size,
+            s.weight_decay,
+            s.schedule,
+            s.epochs,
+            s.lr_decay_epochs,
+        )
+
     for dataset in ("cifar10", "cifar100"):
         assert row(dataset, "simclr") == ("finetune", "lars", 0.4, 256, 1e-4, "warmup_cosine", 200, [])
         assert row(dataset, "barlow_twins") == ("augmented", "lars", 0.3, 256, 1e-4, "warmup_cosine", 50, [])
@@ -107,6 +136,7 @@ def test_extracted_labels_are_in_file_order_across_many_batches(tiny_dataset):
     expected = read_labels(path)
     backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(4))
     for batch_size in (7, 80):
-        _, labels = extract_features(backbone, eval_loader(path, batch_size, workers=2), torch.zeros(3),
-                                     torch.ones(3), "fp32")
+        _, labels = extract_features(
+            backbone, eval_loader(path, batch_size, workers=2), torch.zeros(3), torch.ones(3), "fp32"
+        )
         assert labels.tolist() == expected.tolist()

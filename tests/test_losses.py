@@ -13,7 +13,7 @@ def nt_xent_by_hand(z_a, z_b, temperature):
     total = 0.0
     for i in range(n2):
         p = (i + n2 // 2) % n2
-        sim = lambda k: math.exp(float(z[i] @ z[k]) / temperature)  # noqa: E731
+        sim = lambda k, i=i: math.exp(float(z[i] @ z[k]) / temperature)  # noqa: E731
         negatives = sum(sim(k) for k in range(n2) if k not in (i, p))
         total += -math.log(sim(p) / (sim(p) + negatives))
     return total / n2
@@ -41,6 +41,7 @@ def test_nt_xent_is_scale_invariant_and_small_for_matched_distinct_views():
 def barlow_by_hand(z_a, z_b, offdiag_weight, scale):
     def standardize(z):
         return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+
     c = standardize(z_a).T @ standardize(z_b) / len(z_a)
     off = c - torch.diag(torch.diag(c))
     return scale * (((1 - torch.diag(c)) ** 2).sum() + offdiag_weight * (off**2).sum())
@@ -51,7 +52,9 @@ def test_barlow_twins_matches_reference():
     z_a, z_b = torch.randn(32, 7), torch.randn(32, 7)
     expected = barlow_by_hand(z_a, z_b, 0.0051, 0.1)
     torch.testing.assert_close(barlow_twins(z_a, z_b), expected)
-    torch.testing.assert_close(barlow_twins(z_a, z_b, offdiag_weight=0.5, scale=2.0), barlow_by_hand(z_a, z_b, 0.5, 2.0))
+    torch.testing.assert_close(
+        barlow_twins(z_a, z_b, offdiag_weight=0.5, scale=2.0), barlow_by_hand(z_a, z_b, 0.5, 2.0)
+    )
 
 
 def test_barlow_twins_is_affine_invariant_per_feature():

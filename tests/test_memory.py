@@ -8,8 +8,15 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pipeline.memory import (CONTEXT_BYTES, RESERVE_BYTES, SAFETY, cells_per_gpu, saturating_cells, step_peak_bytes,
-                             training_steps)
+from pipeline.memory import (
+    CONTEXT_BYTES,
+    RESERVE_BYTES,
+    SAFETY,
+    cells_per_gpu,
+    saturating_cells,
+    step_peak_bytes,
+    training_steps,
+)
 from pipeline.params import load_params
 from pipeline.run import make_run
 from tests.helpers import REPO
@@ -21,8 +28,15 @@ GiB = 1 << 30
 @functools.cache
 def small_run(width: int = 8):
     """The paper's CIFAR-10 SimCLR baseline cell (params.yaml) at a CPU-sized backbone width."""
-    run = make_run(load_params(REPO / "params.yaml"), "cifar10", "simclr", "baseline", 0,
-                   META.model_copy(update={"dataset": "cifar10"}), torch.device("cpu"))
+    run = make_run(
+        load_params(REPO / "params.yaml"),
+        "cifar10",
+        "simclr",
+        "baseline",
+        0,
+        META.model_copy(update={"dataset": "cifar10"}),
+        torch.device("cpu"),
+    )
     return dataclasses.replace(run, common=run.common.model_copy(update={"backbone_width": width}))
 
 

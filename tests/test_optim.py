@@ -54,8 +54,10 @@ def test_sgd_matches_torch_sgd():
     torch.manual_seed(0)
     ours, theirs = (torch.nn.Parameter(torch.randn(3, 4)) for _ in range(2))
     theirs.data.copy_(ours.data)
-    opt, reference = SGD([ours], lr=0.3, momentum=0.9, weight_decay=0.01), \
-        torch.optim.SGD([theirs], lr=0.3, momentum=0.9, weight_decay=0.01)
+    opt, reference = (
+        SGD([ours], lr=0.3, momentum=0.9, weight_decay=0.01),
+        torch.optim.SGD([theirs], lr=0.3, momentum=0.9, weight_decay=0.01),
+    )
     for step in range(4):
         grad = torch.randn(3, 4, generator=torch.Generator().manual_seed(step))
         ours.grad, theirs.grad = grad.clone(), grad.clone()
@@ -69,8 +71,9 @@ def test_state_dict_round_trip_continues_identically():
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(2, 2)), torch.nn.Parameter(torch.randn(2))]
         groups = [{"params": params[:1], "base_lr": 1.0}, {"params": params[1:], "weight_decay": 0.0}]
-        return params, LARS(groups, lr=0.1, momentum=0.9, weight_decay=1e-4, eta=0.02, clip_lr=True,
-                            exclude_bias_n_norm=True)
+        return params, LARS(
+            groups, lr=0.1, momentum=0.9, weight_decay=1e-4, eta=0.02, clip_lr=True, exclude_bias_n_norm=True
+        )
 
     def steps(params, opt, seeds):
         for seed in seeds:
@@ -94,9 +97,15 @@ def test_state_dict_round_trip_continues_identically():
 
 def test_optimizers_do_not_import_dynamo():
     """torch.optim's optimizers import torch._dynamo (about 3 s of a stage's start-up here)."""
-    code = ("import sys, torch; from pipeline.optim import LARS, SGD; p = torch.nn.Parameter(torch.ones(2, 2));"
-            "p.grad = torch.ones(2, 2); o = LARS([p], lr=0.1, momentum=0.9, weight_decay=0.0, eta=0.02, clip_lr=True,"
-            " exclude_bias_n_norm=True); o.step(); o.zero_grad(); o.load_state_dict(o.state_dict());"
-            "SGD([p], lr=0.1, momentum=0.9, weight_decay=0.0).step(); print('torch._dynamo' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          cwd=REPO).stdout.strip() == "False"
+    code = (
+        "import sys, torch; from pipeline.optim import LARS, SGD; p = torch.nn.Parameter(torch.ones(2, 2));"
+        "p.grad = torch.ones(2, 2); o = LARS([p], lr=0.1, momentum=0.9, weight_decay=0.0, eta=0.02, clip_lr=True,"
+        " exclude_bias_n_norm=True); o.step(); o.zero_grad(); o.load_state_dict(o.state_dict());"
+        "SGD([p], lr=0.1, momentum=0.9, weight_decay=0.0).step(); print('torch._dynamo' in sys.modules)"
+    )
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+        ).stdout.strip()
+        == "False"
+    )

@@ -43,19 +43,22 @@ def test_every_problem_is_reported_at_once(tmp_path):
     with pytest.raises(ParamsError) as error:
         load_params(path)
     first, *listed = str(error.value).splitlines()
-    assert first == (f"{path}: download.retries: found -1; Input should be greater than or equal to 0 "
-                     "(and 1 more problem)")
+    assert first == (
+        f"{path}: download.retries: found -1; Input should be greater than or equal to 0 (and 1 more problem)"
+    )
     assert [line.strip().split(":")[0] for line in listed] == ["download.retries", "download.timeout"]
 
 
 def test_first_line_names_the_first_problem(tmp_path):
     """Issue 14: a CI log shows one line, so it must carry a key path and its problem, not only a count."""
-    path = write_params(tmp_path / "p.yaml", datasets={"synthetic": {"seeed": 1, "seed": None}},
-                        download={"retries": -1})
+    path = write_params(
+        tmp_path / "p.yaml", datasets={"synthetic": {"seeed": 1, "seed": None}}, download={"retries": -1}
+    )
     result = CliRunner().invoke(app, ["check-params", "--params", str(path)])
     assert result.exit_code == 2
-    assert result.output.splitlines()[0] == (f"error: {path}: download.retries: found -1; Input should be greater "
-                                             "than or equal to 0 (and 2 more problems)")
+    assert result.output.splitlines()[0] == (
+        f"error: {path}: download.retries: found -1; Input should be greater than or equal to 0 (and 2 more problems)"
+    )
 
 
 def test_strict_types_refuse_strings_for_numbers(tmp_path):
@@ -92,29 +95,43 @@ def test_check_params_accepts_committed_file():
 
 
 def test_names_must_refer_to_defined_sections(tmp_path):
-    path = write_params(tmp_path / "p.yaml", experiment={"variants": ["baseline", "mi_regg"]},
-                        pretrain={"cifar10": {"simclr": {"common": {"augmentation": "symetric"}}}})
+    path = write_params(
+        tmp_path / "p.yaml",
+        experiment={"variants": ["baseline", "mi_regg"]},
+        pretrain={"cifar10": {"simclr": {"common": {"augmentation": "symetric"}}}},
+    )
     with pytest.raises(ParamsError) as error:
         load_params(path)
-    assert ("experiment.variants: 'mi_regg' is not defined under pretrain.cifar10.simclr.variants (did you mean "
-            "'mi_reg'?)") in str(error.value)
-    assert "pretrain.cifar10.simclr.common.augmentation: 'symetric' is not defined under augmentations (did you " \
-           "mean 'symmetric'?)" in str(error.value)
+    assert (
+        "experiment.variants: 'mi_regg' is not defined under pretrain.cifar10.simclr.variants (did you mean 'mi_reg'?)"
+    ) in str(error.value)
+    assert (
+        "pretrain.cifar10.simclr.common.augmentation: 'symetric' is not defined under augmentations (did you "
+        "mean 'symmetric'?)" in str(error.value)
+    )
 
 
 def test_sae_topk_must_fit_the_latent_dim(tmp_path):
-    path = write_params(tmp_path / "p.yaml", pretrain={"synthetic": {"barlow_twins": {"variants": {"sae": {"sae_topk": 5000}}}}})
-    with pytest.raises(ParamsError, match=r"pretrain.synthetic.barlow_twins.variants.sae: .*sae_topk \(5000\) must be "
-                                          r"at most sae_latent_dim \(1024\)"):
+    path = write_params(
+        tmp_path / "p.yaml", pretrain={"synthetic": {"barlow_twins": {"variants": {"sae": {"sae_topk": 5000}}}}}
+    )
+    with pytest.raises(
+        ParamsError,
+        match=r"pretrain.synthetic.barlow_twins.variants.sae: .*sae_topk \(5000\) must be "
+        r"at most sae_latent_dim \(1024\)",
+    ):
         load_params(path)
 
 
-@pytest.mark.parametrize("variant, message", [
-    ({"mi_weight": 1e-3}, "mi_weight and mi_grad_fp32 go together"),
-    ({"sae_topk": 3}, "sae_latent_dim and sae_topk go together"),
-    ({"levels": 1}, r"levels: found 1; Input should be greater than or equal to 2"),
-    ({"mi_weigth": 1e-3}, r"mi_weigth: unknown key"),
-])
+@pytest.mark.parametrize(
+    "variant, message",
+    [
+        ({"mi_weight": 1e-3}, "mi_weight and mi_grad_fp32 go together"),
+        ({"sae_topk": 3}, "sae_latent_dim and sae_topk go together"),
+        ({"levels": 1}, r"levels: found 1; Input should be greater than or equal to 2"),
+        ({"mi_weigth": 1e-3}, r"mi_weigth: unknown key"),
+    ],
+)
 def test_variant_knobs_are_checked(tmp_path, variant, message):
     path = write_params(tmp_path / "p.yaml", pretrain={"cifar10": {"simclr": {"variants": {"new": variant}}}})
     with pytest.raises(ParamsError, match=r"pretrain.cifar10.simclr.variants.new.*" + message):
@@ -122,9 +139,14 @@ def test_variant_knobs_are_checked(tmp_path, variant, message):
 
 
 def test_epochs_must_fit(tmp_path):
-    path = write_params(tmp_path / "p.yaml", pretrain={"cifar10": {"simclr": {"common": {"warmup_epochs": 300}}}},
-                        linear_eval={"imagenet100": {"simclr": {"lr_decay_epochs": [80, 60]}},
-                                     "cifar10": {"simclr": {"schedule": "step"}}})
+    path = write_params(
+        tmp_path / "p.yaml",
+        pretrain={"cifar10": {"simclr": {"common": {"warmup_epochs": 300}}}},
+        linear_eval={
+            "imagenet100": {"simclr": {"lr_decay_epochs": [80, 60]}},
+            "cifar10": {"simclr": {"schedule": "step"}},
+        },
+    )
     with pytest.raises(ParamsError) as error:
         load_params(path)
     assert "pretrain.cifar10.simclr.common.warmup_epochs: found 300; must be at most epochs (200)" in str(error.value)
@@ -149,7 +171,12 @@ def test_committed_params_hold_the_papers_settings(params):
     """docs/method.md sections 3-4, spot checks."""
     cifar, imagenet = params.pretrain.cifar10, params.pretrain.imagenet100
     simclr, barlow = cifar.simclr.common, cifar.barlow_twins.common
-    assert (simclr.epochs, simclr.base_lr, simclr.temperature, cifar.simclr.variants["discrete"].levels) == (200, 0.4, 0.2, 30)
+    assert (simclr.epochs, simclr.base_lr, simclr.temperature, cifar.simclr.variants["discrete"].levels) == (
+        200,
+        0.4,
+        0.2,
+        30,
+    )
     assert (barlow.base_lr, barlow.classifier_lr, cifar.barlow_twins.variants["discrete"].levels) == (0.3, 0.15, 3)
     assert (imagenet.barlow_twins.common.batch_size, imagenet.simclr.common.projector_hidden_dim) == (512, 4096)
     assert (cifar.simclr.variants["mi_reg"].mi_weight, imagenet.simclr.variants["mi_reg"].mi_weight) == (1e-4, 0.01)
@@ -170,15 +197,22 @@ def billion_laughs(levels: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: p.write_text(billion_laughs() + (REPO / "params.yaml").read_text().replace("seeds: [5]", "seeds: *l8")),
-     "its YAML aliases expand to more than 100000 values"),
-    (lambda p: p.write_text("a: &x [1, *x]\n"), "a YAML alias refers to a value that contains it"),
-    (lambda p: p.mkdir(), "is a directory; --params takes a YAML file such as params.yaml"),
-    (lambda p: p.write_bytes(b"experiment:\n  seeds: [\xff\xfe]\n"), "not UTF-8 text (byte 0xff at offset 22)"),
-    (lambda p: p.write_text("experiment: [unclosed\n"), "not valid YAML: "),
-    (lambda p: p.write_text("[" * 5000 + "]" * 5000), "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda p: p.write_text(
+                billion_laughs() + (REPO / "params.yaml").read_text().replace("seeds: [5]", "seeds: *l8")
+            ),
+            "its YAML aliases expand to more than 100000 values",
+        ),
+        (lambda p: p.write_text("a: &x [1, *x]\n"), "a YAML alias refers to a value that contains it"),
+        (lambda p: p.mkdir(), "is a directory; --params takes a YAML file such as params.yaml"),
+        (lambda p: p.write_bytes(b"experiment:\n  seeds: [\xff\xfe]\n"), "not UTF-8 text (byte 0xff at offset 22)"),
+        (lambda p: p.write_text("experiment: [unclosed\n"), "not valid YAML: "),
+        (lambda p: p.write_text("[" * 5000 + "]" * 5000), "nested too deeply"),
+    ],
+)
 def test_unreadable_params_exit_2_with_one_line(tmp_path, make, message):
     """Issue 14: a billion-laughs file ran for minutes; a directory or non-UTF-8 bytes gave a traceback."""
     path = tmp_path / "p.yaml"
@@ -193,7 +227,10 @@ def test_unreadable_params_exit_2_with_one_line(tmp_path, make, message):
 def test_aliases_that_stay_small_are_accepted(tmp_path):
     text = (REPO / "params.yaml").read_text()
     path = tmp_path / "p.yaml"
-    path.write_text(text.replace("seeds: [5, 6, 7]", "seeds: &seeds [5, 6, 7]")
-                    .replace("augmentations:", "shared: *seeds\naugmentations:", 1))
+    path.write_text(
+        text.replace("seeds: [5, 6, 7]", "seeds: &seeds [5, 6, 7]").replace(
+            "augmentations:", "shared: *seeds\naugmentations:", 1
+        )
+    )
     with pytest.raises(ParamsError, match=r"shared: unknown key"):  # parsed and validated: only the key is wrong
         load_params(path)

@@ -13,11 +13,23 @@ from pipeline.report import paired_gain, write_report
 from stages.cli import app
 from tests.helpers import REPO
 
-EXPERIMENT = ExperimentParams(datasets=["cifar10"], methods=["simclr"], variants=["baseline", "mi_reg"], seeds=[0, 1, 2])
+EXPERIMENT = ExperimentParams(
+    datasets=["cifar10"], methods=["simclr"], variants=["baseline", "mi_reg"], seeds=[0, 1, 2]
+)
 TOP1 = {"baseline": [0.90, 0.91, 0.92], "mi_reg": [0.92, 0.935, 0.945], "untrained": [0.30, 0.32, 0.34]}
 KNN = {"baseline": [0.80, 0.80, 0.80], "mi_reg": [0.79, 0.80, 0.78], "untrained": [0.2, 0.2, 0.2]}
-EPOCH = {"ssl_loss": 5.0, "mi_z1_z2": 0.1, "mi_z1_r_estimate": 0.5, "entropy_z1": 0.6, "online_train_acc": 0.5,
-         "lower_bound": 0.4, "upper_bound": 0.5, "online_test_acc": 0.5, "lr": 0.0, "images_per_s": 100.0}
+EPOCH = {
+    "ssl_loss": 5.0,
+    "mi_z1_z2": 0.1,
+    "mi_z1_r_estimate": 0.5,
+    "entropy_z1": 0.6,
+    "online_train_acc": 0.5,
+    "lower_bound": 0.4,
+    "upper_bound": 0.5,
+    "online_test_acc": 0.5,
+    "lr": 0.0,
+    "images_per_s": 100.0,
+}
 
 
 def write_cells(root, precision="fp32", ratio=1e-3, mi_grad_fp32=False):
@@ -26,25 +38,52 @@ def write_cells(root, precision="fp32", ratio=1e-3, mi_grad_fp32=False):
             cell = {"dataset": "cifar10", "method": "simclr", "variant": variant, "seed": seed}
             folder = "untrained" if variant == "untrained" else "linear_eval"
             (root / folder).mkdir(exist_ok=True)
-            (root / folder / f"{variant}-{seed}.json").write_text(LinearEvalMetrics(
-                **cell, pretrained=variant != "untrained", protocol="finetune", epochs=100, top1=top1, top5=0.99,
-                probe_top1=top1 - 0.1, knn_top1=KNN[variant][seed], n_train=50000, n_test=10000).model_dump_json())
+            (root / folder / f"{variant}-{seed}.json").write_text(
+                LinearEvalMetrics(
+                    **cell,
+                    pretrained=variant != "untrained",
+                    protocol="finetune",
+                    epochs=100,
+                    top1=top1,
+                    top5=0.99,
+                    probe_top1=top1 - 0.1,
+                    knn_top1=KNN[variant][seed],
+                    n_train=50000,
+                    n_test=10000,
+                ).model_dump_json()
+            )
             if variant == "untrained":
                 continue
             mi_weight = 1e-4 if variant == "mi_reg" else 0.0
             (root / "pretrain").mkdir(exist_ok=True)
-            (root / "pretrain" / f"{variant}-{seed}.json").write_text(PretrainMetrics(
-                **cell, **EPOCH, epoch=2, epochs=2, mi_grad_ratio=ratio if mi_weight else 0.0, precision=precision,
-                mi_weight=mi_weight, mi_grad_fp32=mi_grad_fp32, mi_grad_ratio_max=ratio if mi_weight else 0.0,
-            ).model_dump_json())
+            (root / "pretrain" / f"{variant}-{seed}.json").write_text(
+                PretrainMetrics(
+                    **cell,
+                    **EPOCH,
+                    epoch=2,
+                    epochs=2,
+                    mi_grad_ratio=ratio if mi_weight else 0.0,
+                    precision=precision,
+                    mi_weight=mi_weight,
+                    mi_grad_fp32=mi_grad_fp32,
+                    mi_grad_ratio_max=ratio if mi_weight else 0.0,
+                ).model_dump_json()
+            )
             run = root / "runs" / "cifar10" / "simclr" / variant / f"seed{seed}"
             run.mkdir(parents=True)
             write_log(run / "log.csv", [EpochLog(epoch=e, **EPOCH, mi_grad_ratio=ratio) for e in (1, 2)])
 
 
 def make_report(root, out):
-    write_report(EXPERIMENT, root / "pretrain", root / "linear_eval", root / "untrained", root / "runs",
-                 REPO / "references" / "paper.yaml", out)
+    write_report(
+        EXPERIMENT,
+        root / "pretrain",
+        root / "linear_eval",
+        root / "untrained",
+        root / "runs",
+        REPO / "references" / "paper.yaml",
+        out,
+    )
 
 
 @pytest.fixture
@@ -67,7 +106,9 @@ def test_table_numbers_match_hand_computation(report):
     knn = rows["knn_top1", "mi_reg"]  # differences -1, 0, -2: mean -1, interval [-3.48, 1.48]
     assert knn["gain"] == pytest.approx(-1.0) and knn["gain_low"] == pytest.approx(-1 - 4.3026527 / 3**0.5)
     untrained = rows["top1", "untrained"]
-    assert untrained["mean"] == pytest.approx(32.0) and untrained["std"] == pytest.approx(2.0) and "gain" not in untrained
+    assert (
+        untrained["mean"] == pytest.approx(32.0) and untrained["std"] == pytest.approx(2.0) and "gain" not in untrained
+    )
     assert rows["probe_top1", "baseline"]["mean"] == pytest.approx(81.0) and baseline["protocol"] == "finetune"
 
 
@@ -125,22 +166,28 @@ def test_compare_passes_within_tolerance_and_names_what_departs(report, tmp_path
     assert result.exit_code == 1 and "results.json: not a report's results.json (JSONDecodeError" in result.output
 
 
-@pytest.mark.parametrize("precision, ratio, mi_grad_fp32, verdict", [
-    ("bf16", 1e-6, False, "ROUNDED AWAY in bf16: this variant reruns its baseline; set mi_grad_fp32: true"),
-    ("bf16", 1e-6, True, "kept: its gradient is added in fp32"),
-    ("bf16", 1e-2, False, "acts"),
-])
+@pytest.mark.parametrize(
+    "precision, ratio, mi_grad_fp32, verdict",
+    [
+        ("bf16", 1e-6, False, "ROUNDED AWAY in bf16: this variant reruns its baseline; set mi_grad_fp32: true"),
+        ("bf16", 1e-6, True, "kept: its gradient is added in fp32"),
+        ("bf16", 1e-2, False, "acts"),
+    ],
+)
 def test_report_says_when_the_regularizer_cannot_act(tmp_path, precision, ratio, mi_grad_fp32, verdict):
     write_cells(tmp_path, precision, ratio, mi_grad_fp32)
     make_report(tmp_path, tmp_path / "reports")
     assert f"| {verdict} |" in (tmp_path / "reports" / "results.md").read_text()
 
 
-@pytest.mark.parametrize("log, problem", [
-    ("", "no epochs"),
-    ("epoch,ssl_loss\n1,5.0\n", "mi_z1_z2: Field required"),
-    (None, "No such file"),
-])
+@pytest.mark.parametrize(
+    "log, problem",
+    [
+        ("", "no epochs"),
+        ("epoch,ssl_loss\n1,5.0\n", "mi_z1_z2: Field required"),
+        (None, "No such file"),
+    ],
+)
 def test_bad_training_logs_are_named(tmp_path, log, problem):
     write_cells(tmp_path)
     path = tmp_path / "runs" / "cifar10" / "simclr" / "mi_reg" / "seed1" / "log.csv"

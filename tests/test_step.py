@@ -13,13 +13,31 @@ from pipeline.run import make_run
 from pipeline.step import backward, forward, gradient_ratio
 from tests.helpers import tiny_params
 
-META = DatasetMetrics(dataset="synthetic", classes=[f"c{k}" for k in range(10)], num_classes=10, storage={},
-                      sources_sha256={}, train={"count": 10, "per_class": [1] * 10},
-                      test={"count": 10, "per_class": [1] * 10}, image_shape=[32, 32, 3], mean=[0.5] * 3, std=[0.25] * 3)
+META = DatasetMetrics(
+    dataset="synthetic",
+    classes=[f"c{k}" for k in range(10)],
+    num_classes=10,
+    storage={},
+    sources_sha256={},
+    train={"count": 10, "per_class": [1] * 10},
+    test={"count": 10, "per_class": [1] * 10},
+    image_shape=[32, 32, 3],
+    mean=[0.5] * 3,
+    std=[0.25] * 3,
+)
 # Ops that make the host wait for a CUDA device: reading a value (item, bool, tolist), data-dependent shapes,
 # and tensors made from Python data inside the step (a synchronous host-to-device copy).
-SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave", "lift_fresh",
-           "equal", "is_nonzero"}
+SYNCING = {
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "unique",
+    "_unique2",
+    "repeat_interleave",
+    "lift_fresh",
+    "equal",
+    "is_nonzero",
+}
 
 
 class SyncOps(TorchDispatchMode):
@@ -30,22 +48,27 @@ class SyncOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
         masks = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])  # nonzero on CUDA
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        )  # nonzero on CUDA
         if name in SYNCING or masks:
             self.found.append(func.__name__)
         return func(*args, **(kwargs or {}))
 
 
 def tiny_run(tmp_path, variant="mi_reg", precision="fp32", method="simclr"):
-    run = make_run(load_params(tiny_params(tmp_path / "p.yaml")), "synthetic", method, variant, 0, META,
-                   torch.device("cpu"))
+    run = make_run(
+        load_params(tiny_params(tmp_path / "p.yaml")), "synthetic", method, variant, 0, META, torch.device("cpu")
+    )
     return run.__class__(**(run.__dict__ | {"precision": precision}))
 
 
 def batch(seed=0, n=16):
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=generator), torch.randn(n, 3, 32, 32, generator=generator), \
-        torch.randint(0, 10, (n,), generator=generator)
+    return (
+        torch.randn(n, 3, 32, 32, generator=generator),
+        torch.randn(n, 3, 32, 32, generator=generator),
+        torch.randint(0, 10, (n,), generator=generator),
+    )
 
 
 def grads(run, model, mode, x=None):
@@ -128,8 +151,9 @@ def test_channels_last_forward_matches_contiguous(tmp_path):
         model = build_model(run).to(memory_format=memory_format)
         x_a, x_b, y = batch()
         with torch.no_grad():
-            out = forward(model, run, x_a.contiguous(memory_format=memory_format),
-                          x_b.contiguous(memory_format=memory_format), y)
+            out = forward(
+                model, run, x_a.contiguous(memory_format=memory_format), x_b.contiguous(memory_format=memory_format), y
+            )
         logged.append(out.logged)
     torch.testing.assert_close(logged[1], logged[0], rtol=1e-4, atol=1e-4)
 
@@ -138,8 +162,9 @@ def test_channels_last_forward_matches_contiguous(tmp_path):
 def test_a_step_makes_the_host_wait_nowhere(tmp_path, variant):
     """Augmentation (the device path), forward, both backward passes, LARS: no op that needs a host sync."""
     run = tiny_run(tmp_path, variant=variant, precision="bf16")
-    run = run.__class__(**(run.__dict__ | {"variant": run.variant.__class__(
-        **(run.variant.__dict__ | {"mi_grad_fp32": True}))}))
+    run = run.__class__(
+        **(run.__dict__ | {"variant": run.variant.__class__(**(run.variant.__dict__ | {"mi_grad_fp32": True}))})
+    )
     torch.manual_seed(0)
     model = build_model(run)
     optimizer = make_optimizer(model, run)

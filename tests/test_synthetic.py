@@ -51,10 +51,19 @@ def test_class_is_learnable_from_pixels():
     test, test_y = generate(np.random.default_rng(1), 10, 50)
     to_tensor = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - 0.5  # noqa: E731
     x, y, x_test = to_tensor(train), torch.from_numpy(train_y), to_tensor(test)
-    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-                          nn.Linear(64, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(6):
         for i in torch.randperm(len(x)).split(64):

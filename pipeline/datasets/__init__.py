@@ -38,16 +38,43 @@ def _jpeg(name: str, params: Params) -> dict:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "cifar10": DatasetSpec(32, "cifar", CIFAR10_STATS, partial(prepare_archive, CIFAR10, "cifar10"),
-                           partial(load_records, layout=CIFAR10), lambda params: RAW, downloads=True),
-    "cifar100": DatasetSpec(32, "cifar", CIFAR100_STATS, partial(prepare_archive, CIFAR100, "cifar100"),
-                            partial(load_records, layout=CIFAR100), lambda params: RAW, downloads=True),
-    "imagenet100": DatasetSpec(224, "imagenet", IMAGENET_STATS, lambda params, out, _: prepare_tree("imagenet100", params, out),
-                               load_tree, partial(_jpeg, "imagenet100")),
-    "synthetic": DatasetSpec(None, "cifar", None, lambda params, out, _: prepare_synthetic(params, out),
-                             load_synthetic, lambda params: RAW),
-    "folder": DatasetSpec(32, "cifar", IMAGENET_STATS, lambda params, out, _: prepare_tree("folder", params, out),
-                          load_tree, partial(_jpeg, "folder")),
+    "cifar10": DatasetSpec(
+        32,
+        "cifar",
+        CIFAR10_STATS,
+        partial(prepare_archive, CIFAR10, "cifar10"),
+        partial(load_records, layout=CIFAR10),
+        lambda params: RAW,
+        downloads=True,
+    ),
+    "cifar100": DatasetSpec(
+        32,
+        "cifar",
+        CIFAR100_STATS,
+        partial(prepare_archive, CIFAR100, "cifar100"),
+        partial(load_records, layout=CIFAR100),
+        lambda params: RAW,
+        downloads=True,
+    ),
+    "imagenet100": DatasetSpec(
+        224,
+        "imagenet",
+        IMAGENET_STATS,
+        lambda params, out, _: prepare_tree("imagenet100", params, out),
+        load_tree,
+        partial(_jpeg, "imagenet100"),
+    ),
+    "synthetic": DatasetSpec(
+        None, "cifar", None, lambda params, out, _: prepare_synthetic(params, out), load_synthetic, lambda params: RAW
+    ),
+    "folder": DatasetSpec(
+        32,
+        "cifar",
+        IMAGENET_STATS,
+        lambda params, out, _: prepare_tree("folder", params, out),
+        load_tree,
+        partial(_jpeg, "folder"),
+    ),
 }
 assert set(DATASETS) == set(get_args(DatasetName)), "registry keys must equal the params names"
 

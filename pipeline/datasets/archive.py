@@ -16,8 +16,9 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def extract_members(archive: Path, max_sizes: dict[str, int], out: Path, member_md5: dict[str, str],
-                    md5_key: str) -> None:
+def extract_members(
+    archive: Path, max_sizes: dict[str, int], out: Path, member_md5: dict[str, str], md5_key: str
+) -> None:
     """Write the members named in `max_sizes` (archive path -> largest allowed size) into `out`.
 
     `member_md5` maps base names to expected MD5s (named `md5_key` in messages).
@@ -32,9 +33,11 @@ def extract_members(archive: Path, max_sizes: dict[str, int], out: Path, member_
                 if not member.isfile():
                     raise UserError(f"{archive}: member {member.name} is not a regular file")
                 if member.size > max_sizes[member.name]:
-                    raise UserError(f"{archive}: member {member.name} is {member.size} bytes, "
-                                    f"more than the {max_sizes[member.name]} it may have")
-                _copy(tar, member, out / PurePosixPath(member.name).name)
+                    raise UserError(
+                        f"{archive}: member {member.name} is {member.size} bytes, "
+                        f"more than the {max_sizes[member.name]} it may have"
+                    )
+                _copy(archive, tar, member, out / PurePosixPath(member.name).name)
                 found.add(member.name)
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise UserError(f"{archive}: corrupt or truncated archive ({e})") from None
@@ -55,7 +58,7 @@ def _refuse_unsafe(archive: Path, member: tarfile.TarInfo) -> None:
         raise UserError(f"{archive}: refusing member {member.name!r}: links and devices are not allowed")
 
 
-def _copy(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+def _copy(archive: Path, tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
     source = tar.extractfile(member)
     assert source is not None, f"{member.name} is a regular file"
     with source, open(dest, "wb") as f:
@@ -64,4 +67,4 @@ def _copy(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
             f.write(chunk)
             remaining -= len(chunk)
     if remaining:
-        raise UserError(f"{tar.name}: member {member.name} is truncated")
+        raise UserError(f"{archive}: member {member.name} is truncated")

@@ -41,10 +41,15 @@ class RecordLayout:
         return {f"{self.folder}/{name}": size for name, size in sizes.items()}
 
 
-CIFAR10 = RecordLayout(tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin",
-                       "batches.meta.txt", folder="cifar-10-batches-bin")
-CIFAR100 = RecordLayout(("train.bin",), "test.bin", "fine_label_names.txt", label_bytes=2, label_index=1,
-                        folder="cifar-100-binary")
+CIFAR10 = RecordLayout(
+    tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+    "test_batch.bin",
+    "batches.meta.txt",
+    folder="cifar-10-batches-bin",
+)
+CIFAR100 = RecordLayout(
+    ("train.bin",), "test.bin", "fine_label_names.txt", label_bytes=2, label_index=1, folder="cifar-100-binary"
+)
 
 
 def read_records(path: Path, layout: RecordLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +58,7 @@ def read_records(path: Path, layout: RecordLayout) -> tuple[np.ndarray, np.ndarr
     if raw.size == 0 or raw.size % layout.record_bytes:
         raise UserError(f"{path}: {raw.size} bytes is not a whole number of {layout.record_bytes}-byte records")
     raw = raw.reshape(-1, layout.record_bytes)
-    images = raw[:, layout.label_bytes:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes -> HWC
+    images = raw[:, layout.label_bytes :].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # planes -> HWC
     return np.ascontiguousarray(images), raw[:, layout.label_index].astype(np.int64)
 
 
@@ -63,15 +68,24 @@ def load_records(raw: Path, layout: RecordLayout) -> Labeled:
     classes = [line.strip() for line in (raw / layout.names).read_text().splitlines() if line.strip()]
     train = [read_records(raw / name, layout) for name in layout.train]
     test = read_records(raw / layout.test, layout)
-    return Labeled(classes, ArraySplit(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])),
-                   ArraySplit(*test))
+    return Labeled(
+        classes,
+        ArraySplit(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])),
+        ArraySplit(*test),
+    )
 
 
 def prepare_archive(layout: RecordLayout, name: str, params: Params, out: Path, downloads: Path) -> None:
     """Download, verify and extract the official archive of dataset `name` into `out`."""
     archive, key = getattr(params.datasets, name), f"datasets.{name}"
-    path = download(archive.url, downloads / f"{name}.tar.gz", archive.md5, retries=params.download.retries,
-                    timeout_s=params.download.timeout_s, md5_key=f"{key}.md5")
+    path = download(
+        archive.url,
+        downloads / f"{name}.tar.gz",
+        archive.md5,
+        retries=params.download.retries,
+        timeout_s=params.download.timeout_s,
+        md5_key=f"{key}.md5",
+    )
     with atomic_dir(out) as staging:
         extract_members(path, layout.max_sizes(), staging, archive.member_md5, f"{key}.member_md5")
         load_records(staging, layout)  # refuse record files that do not parse

@@ -43,19 +43,22 @@ def download(url: str, dest: Path, md5: str, *, retries: int, timeout_s: float, 
                 part.unlink(missing_ok=True)
             elif e.code < 500:
                 raise UserError(f"download of {url} failed: HTTP {e.code} {e.reason}; {offline}") from None
-            error = e
+            error: Exception = e
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             error = e
         if attempt == retries:
-            raise UserError(f"download of {url} failed after {retries + 1} attempt(s): {error}; "
-                            f"{_kept(part)}; {offline}")
+            raise UserError(
+                f"download of {url} failed after {retries + 1} attempt(s): {error}; {_kept(part)}; {offline}"
+            )
         log.warning("download of %s interrupted (%s); retrying (%d/%d)", url, error, attempt + 1, retries)
         time.sleep(min(2.0**attempt, 30.0))
     found = file_digest(part)
     if found != md5:
         part.unlink()
-        raise UserError(f"{url}: downloaded file has MD5 {found} but {md5_key} is {md5}; the file is "
-                        "corrupt, truncated or a different version. It was deleted; check the URL and checksum")
+        raise UserError(
+            f"{url}: downloaded file has MD5 {found} but {md5_key} is {md5}; the file is "
+            "corrupt, truncated or a different version. It was deleted; check the URL and checksum"
+        )
     part.rename(dest)
     return dest
 

@@ -30,7 +30,7 @@ def open_image(path: Path) -> Image.Image:
 
 def is_16_bit(image: Image.Image) -> bool:
     """Whether the file stores 16 bits per channel (the raw mode of its pixel data says so)."""
-    return image.mode.startswith("I;16") or any(";16" in str(tile[3]) for tile in image.tile)
+    return image.mode.startswith("I;16") or any(";16" in str(tile[3]) for tile in image.tile)  # type: ignore[attr-defined]
 
 
 def to_rgb8(image: Image.Image, path: Path) -> np.ndarray:

@@ -36,8 +36,9 @@ def imagenet100_classes() -> list[str]:
     return sorted(text.split())
 
 
-def scan_tree(root: str | None, classes: list[str] | None, key: str,
-              per_class: dict[str, int | None] | None = None) -> dict:
+def scan_tree(
+    root: str | None, classes: list[str] | None, key: str, per_class: dict[str, int | None] | None = None
+) -> dict:
     """The manifest of the tree at `root` (`key` names its params section in messages).
 
     `classes=None` takes every folder under `root/train`; a class folder found only in the test split
@@ -47,7 +48,8 @@ def scan_tree(root: str | None, classes: list[str] | None, key: str,
     folders = {"train": "train", "test": _test_folder(tree, root, key)}
     if classes is None:
         classes = _class_folders(tree, folders["test"], root, key)
-    files, missing = {}, []
+    files: dict[str, list[list]] = {}
+    missing: list[str] = []
     for split, folder in folders.items():
         files[split] = []
         for label, name in enumerate(classes):
@@ -57,8 +59,9 @@ def scan_tree(root: str | None, classes: list[str] | None, key: str,
             kept = subsample(images, (per_class or {}).get(split))
             files[split] += [[str(p.relative_to(tree)), label] for p in kept]
     if missing:
-        raise UserError(f"{key}.root = {root}: {len(missing)} class folder(s) missing or without images: "
-                        + " ".join(missing))
+        raise UserError(
+            f"{key}.root = {root}: {len(missing)} class folder(s) missing or without images: " + " ".join(missing)
+        )
     return {"root": str(tree), "classes": classes, "files": files}
 
 
@@ -72,8 +75,7 @@ def subsample(images: list[Path], cap: int | None) -> list[Path]:
 
 def _tree_root(root: str | None, key: str) -> Path:
     if root is None:
-        raise UserError(f"{key}.root is not set: point it at a folder holding train/ and val/ (or test/) "
-                        "class folders")
+        raise UserError(f"{key}.root is not set: point it at a folder holding train/ and val/ (or test/) class folders")
     tree = Path(root).expanduser().resolve()
     if not tree.is_dir():
         raise UserError(f"{key}.root = {root}: no such folder")
@@ -82,21 +84,26 @@ def _tree_root(root: str | None, key: str) -> Path:
     return tree
 
 
-def _test_folder(tree: Path, root: str, key: str) -> str:
+def _test_folder(tree: Path, root: str | None, key: str) -> str:
     found = [name for name in TEST_FOLDERS if (tree / name).is_dir()]
     if len(found) != 1:
-        problem = ("both val/ and test/ folders there: keep the one that holds the test split" if found
-                   else "no val/ or test/ folder there (the test split)")
+        problem = (
+            "both val/ and test/ folders there: keep the one that holds the test split"
+            if found
+            else "no val/ or test/ folder there (the test split)"
+        )
         raise UserError(f"{key}.root = {root}: {problem}")
     return found[0]
 
 
-def _class_folders(tree: Path, test: str, root: str, key: str) -> list[str]:
+def _class_folders(tree: Path, test: str, root: str | None, key: str) -> list[str]:
     """The class folders under train/; refuses class folders that exist only under the test folder."""
     train = sorted(d.name for d in (tree / "train").iterdir() if d.is_dir())
     if only_test := sorted(d.name for d in (tree / test).iterdir() if d.is_dir() and d.name not in train):
-        raise UserError(f"{key}.root = {root}: {len(only_test)} class folder(s) under {test}/ but not under "
-                        f"train/: {' '.join(only_test)}; add their training images or remove them")
+        raise UserError(
+            f"{key}.root = {root}: {len(only_test)} class folder(s) under {test}/ but not under "
+            f"train/: {' '.join(only_test)}; add their training images or remove them"
+        )
     return train
 
 
@@ -126,6 +133,7 @@ def survey_tree(data: Labeled, key: str, one_size: bool) -> ImageSummary:
     unreadable, deep, moments = [], [], ChannelMoments()
     with progress("check images", len(data.train) + len(data.test), "images") as advance:
         for split in (data.train, data.test):
+            assert isinstance(split, FileSplit), type(split)
             for i in range(len(split)):
                 path = split.path(i)
                 try:
@@ -141,12 +149,15 @@ def survey_tree(data: Labeled, key: str, one_size: bool) -> ImageSummary:
     if unreadable:
         raise UserError(_listed(unreadable, "unreadable images"))
     if deep:
-        log.warning("%d 16-bit image(s), e.g. %s: stored with 8 bits per channel (the high byte of each value)",
-                    len(deep), deep[0])
+        log.warning(
+            "%d 16-bit image(s), e.g. %s: stored with 8 bits per channel (the high byte of each value)",
+            len(deep),
+            deep[0],
+        )
     if not one_size:
         return ImageSummary(None, None, None)
     _refuse_mixed_sizes(sizes, key)
-    (width, height), = sizes
+    ((width, height),) = sizes
     return ImageSummary([height, width, 3], *moments.result())
 
 
@@ -155,8 +166,10 @@ def _refuse_mixed_sizes(sizes: dict[tuple[int, int], list[Path]], key: str) -> N
         return
     common = max(sizes, key=lambda size: len(sizes[size]))
     odd = [f"{path}: {w}x{h} pixels" for (w, h), paths in sizes.items() if (w, h) != common for path in paths]
-    odd[0] += (f", but {len(sizes[common])} other images are {common[0]}x{common[1]} and {key} images must all "
-               "have one size (the loader decodes them as stored): resize it")
+    odd[0] += (
+        f", but {len(sizes[common])} other images are {common[0]}x{common[1]} and {key} images must all "
+        "have one size (the loader decodes them as stored): resize it"
+    )
     raise UserError(_listed(odd, "images of other sizes"))
 
 
@@ -164,7 +177,7 @@ def _listed(problems: list[str], what: str) -> str:
     """The first problem on the first line, then up to LISTED more, one a line."""
     if len(problems) == 1:
         return problems[0]
-    rest = "\n  ".join(problems[1:LISTED + 1]) + ("\n  ..." if len(problems) > LISTED + 1 else "")
+    rest = "\n  ".join(problems[1 : LISTED + 1]) + ("\n  ..." if len(problems) > LISTED + 1 else "")
     return f"{problems[0]} (and {len(problems) - 1} more {what})\n  {rest}"
 
 
@@ -186,5 +199,6 @@ def load_tree(raw: Path) -> Labeled:
     except FileNotFoundError:
         raise UserError(f"{path}: not found; is {raw} the folder `prepare` wrote?") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: not a manifest written by `prepare` ({type(e).__name__}: {e}); "
-                        "run prepare again") from None
+        raise UserError(
+            f"{path}: not a manifest written by `prepare` ({type(e).__name__}: {e}); run prepare again"
+        ) from None

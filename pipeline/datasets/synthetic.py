@@ -24,7 +24,9 @@ def class_names(num_classes: int) -> list[str]:
     return [f"{TEXTURES[c // len(SHAPES)]}-{SHAPES[c % len(SHAPES)]}" for c in range(num_classes)]
 
 
-def generate(rng: np.random.Generator, num_classes: int, per_class: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def generate(
+    rng: np.random.Generator, num_classes: int, per_class: int, size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
     """(n, size, size, 3) uint8 images and (n,) int64 labels, classes interleaved in random order. Lengths
     are given for 32 px and scale with `size`."""
     labels = rng.permutation(np.repeat(np.arange(num_classes), per_class))
@@ -56,25 +58,29 @@ def _shape_masks(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """(len(SHAPES), n, size, size) booleans, in the order of SHAPES."""
     r = np.hypot(u, v)
     au, av = np.abs(u), np.abs(v)
-    return np.stack([
-        r <= 1,
-        np.maximum(au, av) <= 0.8,
-        (v <= 0.5) & (v >= np.sqrt(3) * au - 1),
-        ((au <= 0.3) & (av <= 1)) | ((av <= 0.3) & (au <= 1)),
-        (r >= 0.55) & (r <= 1),
-    ])
+    return np.stack(
+        [
+            r <= 1,
+            np.maximum(au, av) <= 0.8,
+            (v <= 0.5) & (v >= np.sqrt(3) * au - 1),
+            ((au <= 0.3) & (av <= 1)) | ((av <= 0.3) & (au <= 1)),
+            (r >= 0.55) & (r <= 1),
+        ]
+    )
 
 
 def _texture_masks(u: np.ndarray, v: np.ndarray, period: np.ndarray, phase: np.ndarray) -> np.ndarray:
     """(len(TEXTURES), n, size, size) booleans: which pixels of a shape get the bright tone."""
     wave_u = np.sin(2 * np.pi * u / period + phase)
     wave_v = np.sin(2 * np.pi * v / period + phase)
-    return np.stack([
-        np.ones_like(u, dtype=bool),
-        wave_u > 0,
-        (wave_u > 0) ^ (wave_v > 0),
-        (wave_u > 0.5) & (wave_v > 0.5),
-    ])
+    return np.stack(
+        [
+            np.ones_like(u, dtype=bool),
+            wave_u > 0,
+            (wave_u > 0) ^ (wave_v > 0),
+            (wave_u > 0.5) & (wave_v > 0.5),
+        ]
+    )
 
 
 def prepare_synthetic(params: Params, out: Path) -> None:
@@ -91,6 +97,9 @@ def prepare_synthetic(params: Params, out: Path) -> None:
 
 def load_synthetic(raw: Path) -> Labeled:
     def split(name: str) -> ArraySplit:
-        return ArraySplit(np.load(raw / f"{name}_images.npy", allow_pickle=False),
-                          np.load(raw / f"{name}_labels.npy", allow_pickle=False))
+        return ArraySplit(
+            np.load(raw / f"{name}_images.npy", allow_pickle=False),
+            np.load(raw / f"{name}_labels.npy", allow_pickle=False),
+        )
+
     return Labeled((raw / CLASSES).read_text().split(), split("train"), split("test"))

@@ -19,14 +19,14 @@ NODE = re.compile(r'^"(?P<name>[^"]+)";$')
 
 @dataclass(frozen=True)
 class Cell:
-    key: str                 # the matrix key, e.g. synthetic-simclr-baseline-0
+    key: str  # the matrix key, e.g. synthetic-simclr-baseline-0
     stages: tuple[str, ...]  # in run order, e.g. ("pretrain@KEY", "linear-eval@KEY")
 
 
 @dataclass(frozen=True)
 class Plan:
     data_stages: tuple[str, ...]  # the stages cells depend on that are not cells (convert@...): run once, first
-    cells: tuple[Cell, ...]       # every cell of the matrix
+    cells: tuple[Cell, ...]  # every cell of the matrix
 
 
 def dvc_env(**extra: str) -> dict[str, str]:
@@ -50,8 +50,9 @@ def read_plan() -> Plan:
         elif node := NODE.match(line):
             nodes.append(node["name"])
     children = {node: [c for p, c in edges if p == node] for node in nodes}
-    cells = tuple(_cell(name.removeprefix(f"{CELL_ROOT}@"), children)
-                  for name in nodes if name.startswith(f"{CELL_ROOT}@"))
+    cells = tuple(
+        _cell(name.removeprefix(f"{CELL_ROOT}@"), children) for name in nodes if name.startswith(f"{CELL_ROOT}@")
+    )
     in_cells = {stage for cell in cells for stage in cell.stages}
     data = tuple(dict.fromkeys(p for p, c in edges if c in in_cells and p not in in_cells))
     return Plan(data_stages=data, cells=cells)

@@ -37,14 +37,16 @@ class LocalOptions:
         first cell before any GPU's second."""
         if not self.gpus:
             if self.gpus_per_cell > 1:
-                raise UserError(f"--gpus-per-cell {self.gpus_per_cell}: no GPU found (--gpus, "
-                                "CUDA_VISIBLE_DEVICES, nvidia-smi)")
+                raise UserError(
+                    f"--gpus-per-cell {self.gpus_per_cell}: no GPU found (--gpus, CUDA_VISIBLE_DEVICES, nvidia-smi)"
+                )
             return [""] * self.cpu_jobs
         if len(self.gpus) < self.gpus_per_cell:
-            raise UserError(f"--gpus-per-cell {self.gpus_per_cell}: only {len(self.gpus)} GPU(s): "
-                            f"{','.join(self.gpus)}")
+            raise UserError(
+                f"--gpus-per-cell {self.gpus_per_cell}: only {len(self.gpus)} GPU(s): {','.join(self.gpus)}"
+            )
         n = self.gpus_per_cell
-        groups = [",".join(self.gpus[i:i + n]) for i in range(0, len(self.gpus) - n + 1, n)]
+        groups = [",".join(self.gpus[i : i + n]) for i in range(0, len(self.gpus) - n + 1, n)]
         return groups * self.cells_per_gpu
 
 
@@ -52,8 +54,9 @@ def find_gpus(requested: str | None) -> list[str]:
     """--gpus if given, else CUDA_VISIBLE_DEVICES if set, else the GPUs nvidia-smi lists."""
     listing = requested if requested is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
     if listing is None and shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                               capture_output=True, text=True)
+        query = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True
+        )
         listing = query.stdout if query.returncode == 0 else ""
     return [gpu.strip() for gpu in (listing or "").replace("\n", ",").split(",") if gpu.strip()]
 
@@ -63,23 +66,23 @@ def run_cells(cells: list[Cell], slots: list[str], gpus_per_cell: int, logs: Pat
     does not stop the others."""
     logs.mkdir(parents=True, exist_ok=True)
     runs = [CellRun(cell, logs / f"{cell.key}.log") for cell in cells]
-    queue, free, running = deque(runs), list(slots), []
+    queue, free, running = deque(runs), list(slots), list[CellRun]()
     with _display(runs) as refresh:
         try:
             while queue or running:
                 while queue and free:
                     running.append(_start(queue.popleft(), free.pop(0), gpus_per_cell))
                 time.sleep(POLL_S)
-                for run in [r for r in running if r.process.poll() is not None]:
+                for run in [r for r in running if r.running.poll() is not None]:
                     _finish(run)
                     running.remove(run)
-                    free.append(run.devices)
+                    free.append(run.devices or "")
                 refresh()
         except KeyboardInterrupt:  # stop the running cells (their checkpoints stay: the next launch resumes them)
             for run in running:  # each cell is its own process group: DVC and the stage it runs
-                os.killpg(run.process.pid, signal.SIGTERM)
+                os.killpg(run.running.pid, signal.SIGTERM)
             for run in running:
-                run.process.wait()
+                run.running.wait()
                 _finish(run)
             raise
     return runs
@@ -91,16 +94,20 @@ def _start(run: CellRun, devices: str, gpus_per_cell: int) -> CellRun:
     with open(run.log, "a") as log:
         log.write(f"{ATTEMPT}{time.time():.6f} CUDA_VISIBLE_DEVICES={devices} (local)\n")
         log.flush()
-        run.process = subprocess.Popen(dvc_command("--wait-for-lock", "repro", "--single-item", *run.cell.stages),
-                                       stdout=log, stderr=subprocess.STDOUT, env=dvc_env(**extra),
-                                       start_new_session=True)
+        run.process = subprocess.Popen(
+            dvc_command("--wait-for-lock", "repro", "--single-item", *run.cell.stages),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dvc_env(**extra),
+            start_new_session=True,
+        )
     run.devices, run.started = devices, time.monotonic()
     _event(f"start  {run.cell.key} on {run.where}: {run.log}")
     return run
 
 
 def _finish(run: CellRun) -> None:
-    run.returncode, run.ended = run.process.returncode, time.monotonic()
+    run.returncode, run.ended = run.running.returncode, time.monotonic()
     with open(run.log, "a") as log:
         log.write(f"launch: end {time.time():.6f} exit {run.returncode}\n")
     _event(f"{run.state:<6} {run.cell.key} after {run.elapsed()}")
@@ -128,8 +135,11 @@ def finish_pipeline(runs: list[CellRun]) -> None:
     failed = [run for run in runs if run.returncode]
     typer.echo(f"cells: {len(runs) - len(failed)} done, {len(failed)} failed")
     if failed:
-        typer.echo("failed (the report was not made):\n" + "\n".join(
-            f"  {run.cell.key}: exit {run.returncode}, log {run.log}" for run in failed), err=True)
+        typer.echo(
+            "failed (the report was not made):\n"
+            + "\n".join(f"  {run.cell.key}: exit {run.returncode}, log {run.log}" for run in failed),
+            err=True,
+        )
         raise typer.Exit(1)
     for command in (dvc_command("--wait-for-lock", "repro"), [sys.executable, "-m", "stages", "audit"]):
         if subprocess.run(command, env=dvc_env()).returncode:

@@ -10,9 +10,9 @@ from rich.table import Table
 
 from stages.launch.cells import Cell
 
-ATTEMPT = "launch: start "                             # `launch`, as an attempt at the cell starts
-STAGE = re.compile(r"Running stage '([^']+)'")        # DVC, as a stage starts
-EPOCH = re.compile(r"epoch (\d+)/(\d+)")               # pretraining's progress and epoch lines
+ATTEMPT = "launch: start "  # `launch`, as an attempt at the cell starts
+STAGE = re.compile(r"Running stage '([^']+)'")  # DVC, as a stage starts
+EPOCH = re.compile(r"epoch (\d+)/(\d+)")  # pretraining's progress and epoch lines
 RATE = re.compile(r"([\d.]+) images/s|images_per_s ([\d.]+)")
 TAIL_BYTES = 16_384
 
@@ -20,6 +20,7 @@ TAIL_BYTES = 16_384
 @dataclass
 class CellRun:
     """One cell's run on this machine: queued, then running on `devices`, then done or failed."""
+
     cell: Cell
     log: Path
     devices: str | None = None  # CUDA_VISIBLE_DEVICES while running; "" on CPU
@@ -28,6 +29,12 @@ class CellRun:
     ended: float = 0.0
     returncode: int | None = None
     last_seen: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def running(self) -> Popen:
+        """The cell's process (it has started)."""
+        assert self.process is not None, f"{self.cell.key} has not started"
+        return self.process
 
     @property
     def state(self) -> str:
@@ -55,10 +62,10 @@ def read_progress(log: Path) -> dict[str, str]:
     with open(log, "rb") as f:
         f.seek(max(0, log.stat().st_size - TAIL_BYTES))
         text = f.read().decode(errors="replace")
-    text = text[max(text.rfind(ATTEMPT), 0):]  # this attempt (the log keeps earlier launches' too)
+    text = text[max(text.rfind(ATTEMPT), 0) :]  # this attempt (the log keeps earlier launches' too)
     stages = STAGE.findall(text)
     if stages:
-        text = text[text.rfind(f"Running stage '{stages[-1]}'"):]  # what the current stage printed
+        text = text[text.rfind(f"Running stage '{stages[-1]}'") :]  # what the current stage printed
     progress = {"stage": stages[-1].split("@")[0] if stages else ""}
     if epochs := EPOCH.findall(text):
         progress["epoch"] = "/".join(epochs[-1])
@@ -73,6 +80,13 @@ def table(runs: list[CellRun]) -> Table:
         if run.state == "running":
             run.last_seen = read_progress(run.log)
         seen = run.last_seen
-        grid.add_row(run.cell.key, run.state, run.where, seen.get("stage", ""), seen.get("epoch", ""),
-                     seen.get("images/s", ""), run.elapsed())
+        grid.add_row(
+            run.cell.key,
+            run.state,
+            run.where,
+            seen.get("stage", ""),
+            seen.get("epoch", ""),
+            seen.get("images/s", ""),
+            run.elapsed(),
+        )
     return grid

@@ -25,14 +25,14 @@ class SlurmOptions:
     partition: str | None
     time_limit: str | None
     account: str | None
-    extra: tuple[str, ...]   # sbatch flags passed through as given
+    extra: tuple[str, ...]  # sbatch flags passed through as given
     exec_prefix: str | None  # what DVC and audit run under on the node (a container), which then has `python`
 
     def python(self) -> tuple[str, str]:
         """The start of a task's commands, and the line that puts the right `python` first on PATH for DVC's stages."""
         if self.exec_prefix:
             return f"{self.exec_prefix} python", ""
-        return shlex.quote(sys.executable), f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:\"$PATH\"\n"
+        return shlex.quote(sys.executable), f'export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"\n'
 
     def common(self) -> list[str]:
         """The flags both jobs get."""
@@ -44,16 +44,23 @@ def check_slurm() -> None:
     """Slurm's commands are here, and no job of an earlier launch in this workspace is still queued (its cells
     would be submitted twice)."""
     if shutil.which("sbatch") is None or shutil.which("squeue") is None:
-        raise UserError("sbatch not found: --backend slurm submits jobs with Slurm's sbatch (run it where Slurm's "
-                        "commands are, e.g. a login node), or use --backend local")
-    queue = subprocess.run(["squeue", "--noheader", "--me", f"--name={CELLS_JOB},{FINAL_JOB}", "--format=%F %Z"],
-                           capture_output=True, text=True)
+        raise UserError(
+            "sbatch not found: --backend slurm submits jobs with Slurm's sbatch (run it where Slurm's "
+            "commands are, e.g. a login node), or use --backend local"
+        )
+    queue = subprocess.run(
+        ["squeue", "--noheader", "--me", f"--name={CELLS_JOB},{FINAL_JOB}", "--format=%F %Z"],
+        capture_output=True,
+        text=True,
+    )
     if queue.returncode:
         raise UserError(f"squeue failed: {queue.stderr.strip()}")
     rows = [line.split(" ", 1) for line in queue.stdout.splitlines()]  # array job id, working directory
     if jobs := sorted({job for job, workdir in rows if workdir == str(Path.cwd())}):
-        raise UserError(f"jobs {', '.join(jobs)} of an earlier launch in {Path.cwd()} are still queued or running: "
-                        f"wait for them (squeue -j {','.join(jobs)}) or cancel them (scancel), then launch again")
+        raise UserError(
+            f"jobs {', '.join(jobs)} of an earlier launch in {Path.cwd()} are still queued or running: "
+            f"wait for them (squeue -j {','.join(jobs)}) or cancel them (scancel), then launch again"
+        )
 
 
 def submit(cells: list[Cell], options: SlurmOptions, logs: Path) -> None:
@@ -66,21 +73,41 @@ def submit(cells: list[Cell], options: SlurmOptions, logs: Path) -> None:
 
 def _submit_cells(cells: list[Cell], options: SlurmOptions, logs: Path) -> str:
     cap = f"%{options.max_running}" if options.max_running else ""
-    job = _sbatch([f"--job-name={CELLS_JOB}", f"--array=0-{len(cells) - 1}{cap}",
-                   f"--gres=gpu:{options.gpus_per_cell}", "--requeue", f"--signal=B:USR1@{WARNING_S}",
-                   "--open-mode=append", f"--output={logs}/slurm-%A.out", *options.common()],
-                  _write(logs / "cells.sh", cells_script(cells, options, logs)))
+    job = _sbatch(
+        [
+            f"--job-name={CELLS_JOB}",
+            f"--array=0-{len(cells) - 1}{cap}",
+            f"--gres=gpu:{options.gpus_per_cell}",
+            "--requeue",
+            f"--signal=B:USR1@{WARNING_S}",
+            "--open-mode=append",
+            f"--output={logs}/slurm-%A.out",
+            *options.common(),
+        ],
+        _write(logs / "cells.sh", cells_script(cells, options, logs)),
+    )
     at_once = f", at most {options.max_running} at once" if options.max_running else ""
-    typer.echo(f"submitted job {job}: {len(cells)} cells, {options.gpus_per_cell} GPU(s) each{at_once}; "
-               f"logs: {logs}/<cell>.log")
+    typer.echo(
+        f"submitted job {job}: {len(cells)} cells, {options.gpus_per_cell} GPU(s) each{at_once}; "
+        f"logs: {logs}/<cell>.log"
+    )
     return job
 
 
 def _submit_final(after: str | None, options: SlurmOptions, logs: Path) -> str:
     dependency = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
     # one GPU: what is left after the cells is light (the report, cheap evaluations)
-    job = _sbatch([f"--job-name={FINAL_JOB}", *dependency, "--gres=gpu:1", "--open-mode=append",
-                   f"--output={logs}/report.log", *options.common()], _write(logs / "report.sh", final_script(options)))
+    job = _sbatch(
+        [
+            f"--job-name={FINAL_JOB}",
+            *dependency,
+            "--gres=gpu:1",
+            "--open-mode=append",
+            f"--output={logs}/report.log",
+            *options.common(),
+        ],
+        _write(logs / "report.sh", final_script(options)),
+    )
     when = f" once every task of job {after} has succeeded (cancelled if one fails)" if after else ""
     typer.echo(f"submitted job {job}: dvc repro, then audit{when}; log: {logs}/report.log")
     return job
