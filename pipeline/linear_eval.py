@@ -61,16 +61,25 @@ def load_backbone(run: Run, checkpoint: Path | None) -> ResNet18:
 
 
 def linear_eval(
-    run: Run, backbone: ResNet18, data: Path, params: LinearEvalParams, optimizer: OptimizerParams, device: torch.device
+    run: Run,
+    backbone: ResNet18,
+    data: Path,
+    params: LinearEvalParams,
+    optimizer: OptimizerParams,
+    device: torch.device,
+    workers: int = -1,
 ) -> LinearEvalMetrics:
-    """The three evaluations of `backbone` on the test split of `data`; a finetuned backbone is changed in place."""
+    """The three evaluations of `backbone` on the test split of `data`; a finetuned backbone is changed in place.
+    `workers`: loader threads (FFCV sets torch's threads to the same number)."""
     backbone = backbone.to(device)
     setting: ProtocolParams = getattr(getattr(params, run.dataset), run.method)
     mean, std = run.stats(device)
     frozen: dict[str, tuple[Tensor, Tensor]] = {
         split: extract_features(
             backbone,
-            eval_loader(data / f"{split}.beton", setting.batch_size, crop_size=run.decoder_crop, device=device),
+            eval_loader(
+                data / f"{split}.beton", setting.batch_size, workers=workers, crop_size=run.decoder_crop, device=device
+            ),
             mean,
             std,
             run.precision,
@@ -90,7 +99,7 @@ def linear_eval(
     )
     with torch.no_grad():
         probe_scores = probe(frozen["test"][0].to(device)).cpu()
-    top1, top5 = _protocol(run, backbone, setting, params, optimizer, data, frozen, device)
+    top1, top5 = _protocol(run, backbone, setting, params, optimizer, data, frozen, device, workers)
     result = LinearEvalMetrics(
         dataset=run.dataset,
         method=run.method,
@@ -126,6 +135,7 @@ def _protocol(
     data: Path,
     frozen: dict[str, tuple[Tensor, Tensor]],
     device: torch.device,
+    workers: int,
 ) -> tuple[float, float]:
     """Top-1 and top-5 test accuracy of the paper's protocol."""
     classifier = _classifier(backbone, run, device)
@@ -142,7 +152,7 @@ def _protocol(
             logits = classifier(frozen["test"][0].to(device)).cpu()
         return topk_accuracy(logits, frozen["test"][1], 1), topk_accuracy(logits, frozen["test"][1], 5)
     view = ViewSpec.from_params(params.view, run.crop_size, crop=not run.decoder_crops)
-    batches, steps = augmented_batches(run, view, data / "train.beton", setting.batch_size, device)
+    batches, steps = augmented_batches(run, view, data / "train.beton", setting.batch_size, device, workers)
     if setting.protocol == "finetune":
         model = nn.Sequential(backbone, classifier)
         _fit(model, batches, steps, setting, optimizer, run.precision, "finetune")
@@ -159,7 +169,9 @@ def _protocol(
     mean, std = run.stats(device)
     test = extract_features(
         backbone,
-        eval_loader(data / "test.beton", setting.batch_size, crop_size=run.decoder_crop, device=device),
+        eval_loader(
+            data / "test.beton", setting.batch_size, workers=workers, crop_size=run.decoder_crop, device=device
+        ),
         mean,
         std,
         run.precision,
@@ -202,11 +214,17 @@ def feature_batches(
 
 
 def augmented_batches(
-    run: Run, view: ViewSpec, path: Path, batch_size: int, device: torch.device
+    run: Run, view: ViewSpec, path: Path, batch_size: int, device: torch.device, workers: int
 ) -> tuple[Batches, int]:
     """Normalized random resized crops + flips of the train images, drawn anew each epoch."""
     loader = ssl_loader(
-        path, batch_size, seed=run.seed, crop_size=run.decoder_crop, crop_scales=(view.crop_scale,), device=device
+        path,
+        batch_size,
+        seed=run.seed,
+        workers=workers,
+        crop_size=run.decoder_crop,
+        crop_scales=(view.crop_scale,),
+        device=device,
     )
     mean, std = run.stats(device)
 

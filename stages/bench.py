@@ -3,6 +3,11 @@
 import dataclasses
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.atomic import atomic_file
+from pipeline.errors import UserError
 from pipeline.metrics import read_metadata
 from pipeline.params import load_params
 from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile
@@ -25,14 +31,16 @@ def bench(
     method: Method = "simclr",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
     width: Annotated[int, typer.Option(help="Backbone width for (b) and (c); 64 is the paper's.")] = 64,
-    batches: Annotated[int, typer.Option(help="Batches timed per loading path.")] = 20,
-    steps: Annotated[int, typer.Option(help="Training steps timed per configuration.")] = 3,
-    workers: Annotated[int, typer.Option(help="Loader workers, both paths.")] = os.cpu_count() or 1,
+    batches: Annotated[int, typer.Option(min=1, help="Batches timed per loading path.")] = 20,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps timed per configuration.")] = 3,
+    workers: Annotated[int, typer.Option(min=1, help="Loader workers, both paths.")] = os.cpu_count() or 1,
     params_file: ParamsFile = PARAMS_FILE,
 ) -> None:
     """Measure (a) two-view batches/s, ours vs the reference's PIL DataLoader, (b) pretraining images/s,
     (c) the MI regularizer's share of the step time (its forward + backward against a training step), and
-    estimate (d) a training step's peak memory at the GPU's precision (measured too on a GPU)."""
+    estimate (d) a training step's peak memory at the GPU's precision (measured too on a GPU); first, (e) the
+    start-up of the pretrain and linear-eval stages: seconds from process start to the first training step
+    and to the first evaluated batch (each stage run on this dataset, stopped there)."""
     import torch
 
     from pipeline.bench import batches_per_second, our_batches, reference_batches, regularizer_seconds, step_seconds
@@ -45,6 +53,24 @@ def bench(
     params = load_params(params_file)
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
+    cell = [
+        "--params",
+        str(params_file),
+        "--dataset",
+        dataset,
+        "--method",
+        method,
+        "--seed",
+        "0",
+        "--data",
+        str(data),
+        "--metadata",
+        str(metadata),
+    ]
+    startup = {
+        "pretrain_s": _startup_seconds(["pretrain", *cell, "--variant", "baseline"], "first training step"),
+        "linear_eval_s": _startup_seconds(["linear-eval", *cell, "--variant", "untrained"], "first evaluated batch"),
+    }
     device = init_device()
     run = make_run(params, dataset, method, "baseline", 0, meta, device)
     run = dataclasses.replace(run, common=run.common.model_copy(update={"backbone_width": width}))
@@ -69,6 +95,7 @@ def bench(
         "step_s": step,
         "regularizer_s": regularizer,
         "regularizer_share": regularizer / (step + regularizer),
+        "startup": startup,
         "memory": {
             "precision": params.training.precision,
             "step_peak_bytes_estimate": estimate,
@@ -76,6 +103,8 @@ def bench(
         },
     }
     table = Table("measurement", "value", title=f"bench on {device} ({dataset}, batch {batch_size})")
+    table.add_row("start-up: process start to first training step", f"{startup['pretrain_s']:.1f} s")
+    table.add_row("start-up: process start to first evaluated batch", f"{startup['linear_eval_s']:.1f} s")
     table.add_row("two-view batches/s: ours", f"{ours:.2f} ({ours * batch_size:.0f} images/s)")
     table.add_row(
         "two-view batches/s: reference (PIL DataLoader)", f"{reference:.2f} ({reference * batch_size:.0f} images/s)"
@@ -93,3 +122,26 @@ def bench(
     Console().print(table)
     with atomic_file(out) as staging:
         staging.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _startup_seconds(args: list[str], event: str) -> float:
+    """`python -m stages ARGS` until it logs `EVENT X s after the process started` (its own reading of its
+    start time); then the process is stopped. Outputs go to a temporary folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        outputs = ["--metrics", f"{tmp}/metrics.json"] + (["--out", f"{tmp}/run"] if args[0] == "pretrain" else [])
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stages", *args, *outputs],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert process.stderr is not None
+            for line in process.stderr:
+                if match := re.search(rf"{event} ([\d.]+) s after the process started", line):
+                    return float(match[1])
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    raise UserError(f"`python -m stages {args[0]}` ended before its {event} (exit {process.returncode})")

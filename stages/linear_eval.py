@@ -44,6 +44,14 @@ def linear_eval_command(
     check_betons(data, meta.num_classes, metadata)
     device = init_device()
     run = make_run(params, dataset, method, variant, seed, meta, device)
-    result = linear_eval(run, load_backbone(run, checkpoint), data, params.linear_eval, params.optimizer, device)
+    result = linear_eval(
+        run,
+        load_backbone(run, checkpoint),
+        data,
+        params.linear_eval,
+        params.optimizer,
+        device,
+        params.training.loader_workers,
+    )
     with atomic_file(metrics) as staging:
         staging.write_text(result.model_dump_json(indent=2) + "\n")

@@ -39,6 +39,9 @@ PARAMS = {
 }
 SIMCLR = ["synthetic-simclr-baseline-0", "synthetic-simclr-baseline-1"]
 BARLOW = ["synthetic-barlow_twins-baseline-0", "synthetic-barlow_twins-baseline-1"]
+UNTRAINED = {"simclr": ["untrained-synthetic-simclr-0", "untrained-synthetic-simclr-1"],  # the reference level
+             "barlow_twins": ["untrained-synthetic-barlow_twins-0", "untrained-synthetic-barlow_twins-1"]}
+EVERY = {*SIMCLR, *BARLOW, *UNTRAINED["simclr"], *UNTRAINED["barlow_twins"]}
 START = re.compile(r"launch: start ([\d.]+) CUDA_VISIBLE_DEVICES=(\S*)")  # the lines `launch` adds to a cell's log
 END = re.compile(r"launch: end ([\d.]+)")
 SLURM_COMMANDS = ("sbatch", "scontrol", "squeue", "scancel", "sinfo", "slurmctld", "slurmd", "munged")
@@ -103,8 +106,8 @@ def check_pipeline_complete(project: Path) -> None:
     assert "| synthetic | barlow_twins | " in (project / "reports" / "results.md").read_text()
 
 
-def cells_to_run(output: str) -> list[str]:
-    return re.search(r"cells to run: (.*)", output)[1].split()
+def cells_to_run(output: str) -> set[str]:
+    return set(re.search(r"cells to run: (.*)", output)[1].split())
 
 
 def free_port() -> int:
@@ -231,7 +234,7 @@ def submitted(output: str) -> tuple[str, str]:
 @pytest.mark.slow
 def test_slurm_runs_cells_two_at_a_time_requeued_tasks_resume_and_a_relaunch_runs_only_changed_cells(project, slurm):
     first = launch(project, "--backend", "slurm", "--max-running", "2", env=slurm)
-    assert cells_to_run(first.stdout) == SIMCLR + BARLOW
+    assert cells_to_run(first.stdout) == EVERY
     again = launch(project, "--backend", "slurm", env=slurm, check=False)
     assert again.returncode == 1 and "of an earlier launch in" in again.stderr and "still queued" in again.stderr
     wait_for_jobs(project, slurm, list(submitted(first.stdout)))
@@ -243,11 +246,13 @@ def test_slurm_runs_cells_two_at_a_time_requeued_tasks_resume_and_a_relaunch_run
     checkpoints = [project / f"runs/synthetic/barlow_twins/baseline/seed{seed}/checkpoint.pt" for seed in (0, 1)]
     first_run = [checkpoint.stat().st_mtime_ns for checkpoint in checkpoints]
     second = launch(project, "--backend", "slurm", "--exec-prefix", "env", env=slurm)  # `env python -m dvc ...`
-    assert cells_to_run(second.stdout) == BARLOW
+    assert cells_to_run(second.stdout) == {*BARLOW, *UNTRAINED["barlow_twins"]}  # their common settings changed
     cells_job, final_job = submitted(second.stdout)
     # Preempted (an admin's requeue), and warned before its time limit (Slurm's USR1 to the batch shell),
     # once the new run has written its first checkpoint (these params start it over).
-    interrupt = {f"{cells_job}_0": ["scontrol", "requeue"], f"{cells_job}_1": ["scancel", "--signal=USR1", "--batch"]}
+    index = {key: i for i, key in enumerate(re.search(r"cells to run: (.*)", second.stdout)[1].split())}  # array order
+    interrupt = {f"{cells_job}_{index[BARLOW[0]]}": ["scontrol", "requeue"],
+                 f"{cells_job}_{index[BARLOW[1]]}": ["scancel", "--signal=USR1", "--batch"]}
     written = dict(zip(interrupt, first_run))
     checkpoints = dict(zip(interrupt, checkpoints))
     waiting, deadline = set(interrupt), time.monotonic() + 300
@@ -283,8 +288,8 @@ def test_local_runs_cells_on_pinned_gpus_reports_failures_and_a_relaunch_runs_on
     use_params(project, "failing")
     first = launch(project, "--backend", "local", "--gpus", "0,1", check=False)
     assert first.returncode == 1
-    assert cells_to_run(first.stdout) == SIMCLR + BARLOW
-    assert "cells: 2 done, 2 failed" in first.stdout
+    assert cells_to_run(first.stdout) == EVERY
+    assert "cells: 6 done, 2 failed" in first.stdout
     for cell in BARLOW:
         assert re.search(f"{cell}: exit \\d+, log logs/launch/{cell}.log", first.stderr)
         assert "larger than the training set" in (project / "logs" / "launch" / f"{cell}.log").read_text()
@@ -293,7 +298,7 @@ def test_local_runs_cells_on_pinned_gpus_reports_failures_and_a_relaunch_runs_on
 
     use_params(project)
     second = launch(project, "--backend", "local", "--cpu-jobs", "2", env={"CUDA_VISIBLE_DEVICES": ""})
-    assert cells_to_run(second.stdout) == BARLOW
+    assert cells_to_run(second.stdout) == {*BARLOW, *UNTRAINED["barlow_twins"]}
     assert [attempts(project, cell)[-1][2] for cell in BARLOW] == ["", ""]  # on the CPU
     assert all(len(attempts(project, cell)) == 1 for cell in SIMCLR)
     check_pipeline_complete(project)

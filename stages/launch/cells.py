@@ -1,6 +1,6 @@
 """The cells of the DVC matrix and which of them are stale, read from DVC itself (`dvc dag`, `dvc status`),
 never from params.yaml: whatever the matrix's axes, a cell is `pretrain@KEY` and the stages below it that
-share its matrix key (`linear-eval@KEY`)."""
+share its matrix key (`linear-eval@KEY`), or an `untrained@KEY` evaluation alone."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 
-CELL_ROOT = "pretrain"  # the stage that starts a cell
+CELL_ROOTS = ("pretrain", "untrained")  # the stages that start a cell
 EDGE = re.compile(r'^"(?P<parent>[^"]+)" -> "(?P<child>[^"]+)";$')  # a line of `dvc dag --dot`
 NODE = re.compile(r'^"(?P<name>[^"]+)";$')
 
@@ -50,20 +50,20 @@ def read_plan() -> Plan:
         elif node := NODE.match(line):
             nodes.append(node["name"])
     children = {node: [c for p, c in edges if p == node] for node in nodes}
-    cells = tuple(
-        _cell(name.removeprefix(f"{CELL_ROOT}@"), children) for name in nodes if name.startswith(f"{CELL_ROOT}@")
-    )
+    cells = tuple(_cell(name, children) for name in nodes if name.split("@")[0] in CELL_ROOTS)
     in_cells = {stage for cell in cells for stage in cell.stages}
     data = tuple(dict.fromkeys(p for p, c in edges if c in in_cells and p not in in_cells))
     return Plan(data_stages=data, cells=cells)
 
 
-def _cell(key: str, children: dict[str, list[str]]) -> Cell:
-    """`pretrain@KEY`, then the stages below it with the same key, breadth first (parents before children)."""
-    stages = [f"{CELL_ROOT}@{key}"]
+def _cell(root: str, children: dict[str, list[str]]) -> Cell:
+    """`root` (e.g. pretrain@KEY), then the stages below it with the same key, breadth first (parents first).
+    The cell's name is KEY for pretraining, else the root's name with its @ as a dash (untrained-KEY)."""
+    key = root.split("@", 1)[1]
+    stages = [root]
     for stage in stages:
         stages += [c for c in children[stage] if c.endswith(f"@{key}") and c not in stages]
-    return Cell(key=key, stages=tuple(stages))
+    return Cell(key=key if root.startswith("pretrain@") else root.replace("@", "-"), stages=tuple(stages))
 
 
 def run_data_stages(plan: Plan) -> None:
