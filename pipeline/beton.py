@@ -1,5 +1,8 @@
 """Write a dataset split to an FFCV `.beton` file, and describe what was written."""
 
+import pipeline._ffcv  # noqa: F401  (before any FFCV import: FFCV's fast import)
+
+# isort: split
 import functools
 import logging
 import os
@@ -18,7 +21,6 @@ from ffcv.fields import IntField, RGBImageField
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
 
-import pipeline._ffcv  # noqa: F401  (first: FFCV's fast import)
 from pipeline.atomic import atomic_dir
 from pipeline.datasets import get_dataset
 from pipeline.datasets.download import file_digest

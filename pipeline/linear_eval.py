@@ -40,7 +40,7 @@ Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch -> (inputs, 
 @functools.cache
 def _log_start() -> None:
     """Once per process: how long start-up took (`bench` reads this line)."""
-    log.info("first evaluated batch %.1f s after the process started", seconds_since_start())
+    log.info("first evaluation batch ready %.1f s after the process started", seconds_since_start())
 
 
 def load_backbone(run: Run, checkpoint: Path | None) -> ResNet18:
@@ -187,11 +187,11 @@ def extract_features(backbone: nn.Module, batches, mean: Tensor, std: Tensor, pr
     backbone.eval()
     features, labels = [], []
     for x, y in batches:
+        _log_start()
         x = (x.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
         with autocast(precision, x.device.type):
             features.append(backbone(x).float().cpu())
         labels.append(y.to("cpu", copy=True))  # FFCV reuses its batch buffers: keep a copy, not a view
-        _log_start()
     return torch.cat(features), torch.cat(labels)
 
 

@@ -4,6 +4,9 @@ Batches are uint8 tensors (N, 3, H, W) on `device` and int64 labels; augmentatio
 that run on the device batch come after (see the pretraining code).
 """
 
+import pipeline._ffcv  # noqa: F401  (before any FFCV import: FFCV's fast import)
+
+# isort: split
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -22,7 +25,6 @@ from ffcv.reader import Reader
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
 
-import pipeline._ffcv  # noqa: F401  (first: FFCV's fast import)
 from pipeline.errors import UserError
 
 CENTER_CROP_RATIO = 224 / 256  # eval: resize 256, center crop 224 (docs/method.md section 4.1)

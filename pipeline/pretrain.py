@@ -132,6 +132,8 @@ def _train_epoch(
     ratio = torch.zeros((), device=device)
     with progress(f"epoch {epoch + 1}/{run.common.epochs}", steps, "steps") as advance:
         for step, (x_a, x_b, y) in enumerate(loader):
+            if step == 0 and epoch == start_epoch:
+                log.info("first training batch ready %.1f s after the process started", seconds_since_start())
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(
                     epoch * steps + step, total_steps, warmup_steps, group["base_lr"], run.optimizer.warmup_start_lr
@@ -143,8 +145,6 @@ def _train_epoch(
             out = forward(trained, run, x_a, x_b, y)
             if step == 0:
                 ratio = gradient_ratio(out, run)
-                if epoch == start_epoch:
-                    log.info("first training step %.1f s after the process started", seconds_since_start())
             optimizer.zero_grad(set_to_none=True)
             backward(out, run, parameters)
             optimizer.step()

@@ -39,8 +39,8 @@ def bench(
     """Measure (a) two-view batches/s, ours vs the reference's PIL DataLoader, (b) pretraining images/s,
     (c) the MI regularizer's share of the step time (its forward + backward against a training step), and
     estimate (d) a training step's peak memory at the GPU's precision (measured too on a GPU); first, (e) the
-    start-up of the pretrain and linear-eval stages: seconds from process start to the first training step
-    and to the first evaluated batch (each stage run on this dataset, stopped there)."""
+    start-up of the pretrain and linear-eval stages: seconds from process start until the first training batch
+    and the first evaluation batch are ready to compute (each stage run on this dataset, stopped there)."""
     import torch
 
     from pipeline.bench import batches_per_second, our_batches, reference_batches, regularizer_seconds, step_seconds
@@ -68,8 +68,10 @@ def bench(
         str(metadata),
     ]
     startup = {
-        "pretrain_s": _startup_seconds(["pretrain", *cell, "--variant", "baseline"], "first training step"),
-        "linear_eval_s": _startup_seconds(["linear-eval", *cell, "--variant", "untrained"], "first evaluated batch"),
+        "pretrain_s": _startup_seconds(["pretrain", *cell, "--variant", "baseline"], "first training batch ready"),
+        "linear_eval_s": _startup_seconds(
+            ["linear-eval", *cell, "--variant", "untrained"], "first evaluation batch ready"
+        ),
     }
     device = init_device()
     run = make_run(params, dataset, method, "baseline", 0, meta, device)
@@ -103,8 +105,8 @@ def bench(
         },
     }
     table = Table("measurement", "value", title=f"bench on {device} ({dataset}, batch {batch_size})")
-    table.add_row("start-up: process start to first training step", f"{startup['pretrain_s']:.1f} s")
-    table.add_row("start-up: process start to first evaluated batch", f"{startup['linear_eval_s']:.1f} s")
+    table.add_row("start-up: process start to first training batch", f"{startup['pretrain_s']:.1f} s")
+    table.add_row("start-up: process start to first evaluation batch", f"{startup['linear_eval_s']:.1f} s")
     table.add_row("two-view batches/s: ours", f"{ours:.2f} ({ours * batch_size:.0f} images/s)")
     table.add_row(
         "two-view batches/s: reference (PIL DataLoader)", f"{reference:.2f} ({reference * batch_size:.0f} images/s)"

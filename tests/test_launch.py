@@ -39,8 +39,10 @@ PARAMS = {
 }
 SIMCLR = ["synthetic-simclr-baseline-0", "synthetic-simclr-baseline-1"]
 BARLOW = ["synthetic-barlow_twins-baseline-0", "synthetic-barlow_twins-baseline-1"]
-UNTRAINED = {"simclr": ["untrained-synthetic-simclr-0", "untrained-synthetic-simclr-1"],  # the reference level
-             "barlow_twins": ["untrained-synthetic-barlow_twins-0", "untrained-synthetic-barlow_twins-1"]}
+UNTRAINED = {
+    "simclr": ["untrained-synthetic-simclr-0", "untrained-synthetic-simclr-1"],  # the reference level
+    "barlow_twins": ["untrained-synthetic-barlow_twins-0", "untrained-synthetic-barlow_twins-1"],
+}
 EVERY = {*SIMCLR, *BARLOW, *UNTRAINED["simclr"], *UNTRAINED["barlow_twins"]}
 START = re.compile(r"launch: start ([\d.]+) CUDA_VISIBLE_DEVICES=(\S*)")  # the lines `launch` adds to a cell's log
 END = re.compile(r"launch: end ([\d.]+)")
@@ -251,8 +253,10 @@ def test_slurm_runs_cells_two_at_a_time_requeued_tasks_resume_and_a_relaunch_run
     # Preempted (an admin's requeue), and warned before its time limit (Slurm's USR1 to the batch shell),
     # once the new run has written its first checkpoint (these params start it over).
     index = {key: i for i, key in enumerate(re.search(r"cells to run: (.*)", second.stdout)[1].split())}  # array order
-    interrupt = {f"{cells_job}_{index[BARLOW[0]]}": ["scontrol", "requeue"],
-                 f"{cells_job}_{index[BARLOW[1]]}": ["scancel", "--signal=USR1", "--batch"]}
+    interrupt = {
+        f"{cells_job}_{index[BARLOW[0]]}": ["scontrol", "requeue"],
+        f"{cells_job}_{index[BARLOW[1]]}": ["scancel", "--signal=USR1", "--batch"],
+    }
     written = dict(zip(interrupt, first_run))
     checkpoints = dict(zip(interrupt, checkpoints))
     waiting, deadline = set(interrupt), time.monotonic() + 300
