@@ -9,7 +9,7 @@ import csv
 import itertools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,6 @@ METRICS = {
     "knn_top1": "kNN top-1",
     "online_test_acc": "Online linear top-1 (during pretraining)",
 }
-LOG = "{dataset}/{method}/{variant}/seed{seed}/log.csv"  # how `runs` is laid out: given by the caller
 
 
 @dataclass(frozen=True)
@@ -225,13 +224,13 @@ def write_report(
     pretrain_metrics: Path,
     linear_metrics: Path,
     untrained_metrics: Path,
-    logs: Path,
+    run_log: Callable[[Cell], Path],
     reference: Path,
     out: Path,
 ) -> None:
     """`out/`: results.md, results.csv, results.json, curves-<dataset>-<method>.png, gains.png.
 
-    `logs / LOG` (formatted with a cell's dataset, method, variant and seed) is each run's log.csv."""
+    `run_log(cell)` is the path of a cell's log.csv (the caller knows the run layout)."""
     settings = list(itertools.product(experiment.datasets, experiment.methods))
     cells = [(d, m, v, s) for (d, m), v, s in itertools.product(settings, experiment.variants, experiment.seeds)]
     untrained = [(d, m, UNTRAINED, s) for (d, m), s in itertools.product(settings, experiment.seeds)]
@@ -248,10 +247,7 @@ def write_report(
     paper = YAML(typ="safe", pure=True).load(reference.read_text())
     tables = build_tables(values, paper["cells"], experiment.variants, protocols)
     tables["regularizer"] = regularizer_rows(pretrained)
-    histories = {
-        (d, m, v): _mean_history([logs / LOG.format(dataset=d, method=m, variant=v, seed=s) for s in experiment.seeds])
-        for d, m, v, _ in cells
-    }
+    histories = {(d, m, v): _mean_history([run_log((d, m, v, s)) for s in experiment.seeds]) for d, m, v, _ in cells}
     with atomic_dir(out) as staging:
         (staging / "results.json").write_text(json.dumps({"claim": paper["claim"]} | tables, indent=2) + "\n")
         with open(staging / "results.csv", "w", newline="") as f:

@@ -17,6 +17,7 @@ from pipeline.params import Strict, load_params
 from stages.common import PARAMS_FILE, ParamsFile
 
 Folder = Annotated[Path, typer.Option(help="A folder (see dvc.yaml).")]
+RUN = "{}/{}/{}/seed{}"  # a cell's run folder under --runs (dvc.yaml's pretrain --out): dataset, method, variant, seed
 SCHEMAS: dict[str, type[Strict]] = {
     "datasets": DatasetMetrics,
     "pretrain": PretrainMetrics,
@@ -39,7 +40,13 @@ def report(
     from pipeline.report import write_report
 
     write_report(
-        load_params(params_file).experiment, pretrain_metrics, linear_metrics, untrained_metrics, runs, reference, out
+        load_params(params_file).experiment,
+        pretrain_metrics,
+        linear_metrics,
+        untrained_metrics,
+        lambda cell: runs / RUN.format(*cell) / "log.csv",
+        reference,
+        out,
     )
 
 
@@ -73,7 +80,7 @@ def audit(
             metrics / "pretrain",
             metrics / "linear_eval",
             metrics / "untrained",
-            runs,
+            lambda cell: runs / RUN.format(*cell) / "log.csv",
             reference,
             regenerated,
         )

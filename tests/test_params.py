@@ -118,7 +118,7 @@ def test_sae_topk_must_fit_the_latent_dim(tmp_path):
     with pytest.raises(
         ParamsError,
         match=r"pretrain.synthetic.barlow_twins.variants.sae: .*sae_topk \(5000\) must be "
-        r"at most sae_latent_dim \(1024\)",
+        r"at most sae_latent_dim \(128\)",
     ):
         load_params(path)
 

@@ -120,12 +120,11 @@ def test_checkpoint_of_other_params_is_not_resumed(tiny_dataset, tmp_path):
 def test_finished_checkpoint_resumed_rewrites_the_log(tiny_dataset, tmp_path):
     """Regression: a requeued or relaunched cell whose checkpoint had every epoch wrote no log.csv, which DVC
     deletes before running the stage, so the stage failed ("output ... log.csv does not exist")."""
-    meta = json.loads((tiny_dataset / "meta.json").read_text())
-    run = make_run(load_params(tiny_params(tmp_path / "p.yaml", epochs=1)), "synthetic", "simclr", "baseline", 0, meta)
-    first = pretrain(run, tiny_dataset / "ffcv", tmp_path / "run", torch.device("cpu"), "v")
+    cell = cell_run(tiny_params(tmp_path / "p.yaml", epochs=1), tiny_dataset)
+    first = train(cell, tiny_dataset, tmp_path / "run")
     written = (tmp_path / "run" / "log.csv").read_text()
     (tmp_path / "run" / "log.csv").unlink()
-    assert pretrain(run, tiny_dataset / "ffcv", tmp_path / "run", torch.device("cpu"), "v") == first
+    assert train(cell, tiny_dataset, tmp_path / "run") == first
     assert (tmp_path / "run" / "log.csv").read_text() == written
 
 

@@ -11,6 +11,7 @@ from pipeline.metrics import EpochLog, LinearEvalMetrics, PretrainMetrics, write
 from pipeline.params import ExperimentParams
 from pipeline.report import paired_gain, write_report
 from stages.cli import app
+from stages.report import RUN
 from tests.helpers import REPO
 
 EXPERIMENT = ExperimentParams(
@@ -80,7 +81,7 @@ def make_report(root, out):
         root / "pretrain",
         root / "linear_eval",
         root / "untrained",
-        root / "runs",
+        lambda cell: root / "runs" / RUN.format(*cell) / "log.csv",
         REPO / "references" / "paper.yaml",
         out,
     )
