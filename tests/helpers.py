@@ -183,3 +183,11 @@ def stage_process(*args: str, **kwargs) -> subprocess.Popen:
         start_new_session=True,
         **kwargs,
     )
+
+
+def pretrain_args(params: Path, dataset: Path, out: Path) -> list[str]:
+    """`pretrain`'s arguments for the tiny dataset's Barlow Twins baseline, seed 0, into `out`."""
+    cell = ["--dataset", "synthetic", "--method", "barlow_twins", "--variant", "baseline", "--seed", "0"]
+    inputs = ["--data", str(dataset / "ffcv"), "--metadata", str(dataset / "meta.json")]
+    outputs = ["--out", str(out), "--metrics", str(out / "metrics.json")]
+    return ["pretrain", "--params", str(params), *cell, *inputs, *outputs]

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from pipeline.losses import barlow_twins, nt_xent
 from pipeline.step import backward
-from tests.helpers import REPO, tiny_params
+from tests.helpers import REPO, pretrain_args, tiny_params
 
 WORLD = 2
 
@@ -129,25 +129,7 @@ def test_pretrain_stage_runs_under_torchrun(tiny_dataset, tmp_path):
         f"--nproc-per-node={WORLD}",
         "-m",
         "stages",
-        "pretrain",
-        "--params",
-        str(tiny_params(tmp_path / "p.yaml", epochs=2)),
-        "--dataset",
-        "synthetic",
-        "--method",
-        "barlow_twins",
-        "--variant",
-        "baseline",
-        "--seed",
-        "0",
-        "--data",
-        str(tiny_dataset / "ffcv"),
-        "--metadata",
-        str(tiny_dataset / "meta.json"),
-        "--out",
-        str(out),
-        "--metrics",
-        str(out / "metrics.json"),
+        *pretrain_args(tiny_params(tmp_path / "p.yaml", epochs=2), tiny_dataset, out),
     ]
     result = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}

@@ -20,7 +20,7 @@ from stages.cli import app
 from stages.launch.local import LocalOptions, find_gpus
 from stages.launch.monitor import read_progress
 from stages.pretrain import NPROC_VARIABLE
-from tests.helpers import REPO, tiny_sections, write_params
+from tests.helpers import REPO, pretrain_args, tiny_sections, write_params
 
 # Every params override of these tests. `tiny`: 2 methods x 2 seeds of seconds-long cells (the 2 x 2 matrix);
 # the others are merged on top of it for one launch each and touch the barlow_twins cells only.
@@ -317,30 +317,12 @@ def test_pretrain_reexecutes_itself_under_torchrun_when_asked(tiny_dataset, tmp_
         sys.executable,
         "-m",
         "stages",
-        "pretrain",
-        "--params",
-        str(write_params(tmp_path / "p.yaml", **PARAMS["tiny"])),
-        "--dataset",
-        "synthetic",
-        "--method",
-        "barlow_twins",
-        "--variant",
-        "baseline",
-        "--seed",
-        "0",
-        "--data",
-        str(tiny_dataset / "ffcv"),
-        "--metadata",
-        str(tiny_dataset / "meta.json"),
-        "--out",
-        str(out),
-        "--metrics",
-        str(out / "metrics.json"),
+        *pretrain_args(write_params(tmp_path / "p.yaml", **PARAMS["tiny"]), tiny_dataset, out),
     ]
     env = {**os.environ, NPROC_VARIABLE: "2", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["world_size"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["world_size"] == 2
 
 
 def test_gpus_come_from_the_option_else_cuda_visible_devices(monkeypatch):

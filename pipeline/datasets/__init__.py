@@ -6,7 +6,7 @@ from functools import partial
 from pathlib import Path
 from typing import get_args
 
-from pipeline.datasets.cifar import CIFAR10, CIFAR100, load_records, prepare_archive
+from pipeline.datasets.cifar import CIFAR10, CIFAR100, RecordLayout, load_records, prepare_archive
 from pipeline.datasets.image_tree import load_tree, prepare_tree
 from pipeline.datasets.splits import Labeled
 from pipeline.datasets.synthetic import load_synthetic, prepare_synthetic
@@ -37,25 +37,15 @@ def _jpeg(name: str, params: Params) -> dict:
     return {"write_mode": mode, "jpeg_quality": tree.jpeg_quality, "max_resolution": tree.max_resolution}
 
 
+def _cifar(name: str, layout: RecordLayout, stats: Stats) -> DatasetSpec:
+    """An official CIFAR binary archive: downloaded, 32-px images stored raw."""
+    prepare, load = partial(prepare_archive, layout, name), partial(load_records, layout=layout)
+    return DatasetSpec(32, "cifar", stats, prepare, load, lambda _: RAW, downloads=True)
+
+
 DATASETS: dict[str, DatasetSpec] = {
-    "cifar10": DatasetSpec(
-        32,
-        "cifar",
-        CIFAR10_STATS,
-        partial(prepare_archive, CIFAR10, "cifar10"),
-        partial(load_records, layout=CIFAR10),
-        lambda params: RAW,
-        downloads=True,
-    ),
-    "cifar100": DatasetSpec(
-        32,
-        "cifar",
-        CIFAR100_STATS,
-        partial(prepare_archive, CIFAR100, "cifar100"),
-        partial(load_records, layout=CIFAR100),
-        lambda params: RAW,
-        downloads=True,
-    ),
+    "cifar10": _cifar("cifar10", CIFAR10, CIFAR10_STATS),
+    "cifar100": _cifar("cifar100", CIFAR100, CIFAR100_STATS),
     "imagenet100": DatasetSpec(
         224,
         "imagenet",
