@@ -17,7 +17,12 @@ def load_checkpoint(path: Path, remedy: str) -> dict:
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        reason = "an empty file" if path.stat().st_size == 0 else (str(e).splitlines() or [type(e).__name__])[0]
+        if path.stat().st_size == 0:
+            reason = "an empty file"
+        elif "Weights only load failed" in str(e):  # torch's advice that follows is to load it unsafely: not given
+            reason = "it holds objects other than tensors, and loading them could run code"
+        else:
+            reason = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
         raise UserError(f"{path}: not a readable checkpoint ({reason}); {remedy}") from None
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path}: not a checkpoint of this pipeline (no model weights); {remedy}")
