@@ -110,3 +110,12 @@ def test_prepare_needs_downloads_only_for_archives(tmp_path):
     assert cifar.exit_code == 1
     assert cifar.output == "error: --downloads is required for cifar10: the folder where its archive is cached\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml", "raw"]
+
+
+@pytest.mark.parametrize("option", ["--batches", "--steps", "--workers"])
+def test_bench_refuses_a_count_below_one_before_doing_anything(tmp_path, option):
+    paths = [f"--{name}={tmp_path / name}" for name in ("raw", "data", "metadata", "out")]
+    result = runner.invoke(app, ["bench", "--dataset", "synthetic", *paths, option, "0"])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': Input should be greater than or equal to 1" in result.output
+    assert not (tmp_path / "out").exists()
