@@ -53,20 +53,8 @@ def bench(
     params = load_params(params_file)
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
-    cell = [
-        "--params",
-        str(params_file),
-        "--dataset",
-        dataset,
-        "--method",
-        method,
-        "--seed",
-        "0",
-        "--data",
-        str(data),
-        "--metadata",
-        str(metadata),
-    ]
+    cell = ["--params", str(params_file), "--dataset", dataset, "--method", method, "--seed", "0"]
+    cell += ["--data", str(data), "--metadata", str(metadata)]
     startup = {
         "pretrain_s": _startup_seconds(["pretrain", *cell, "--variant", "baseline"], "first training batch ready"),
         "linear_eval_s": _startup_seconds(
