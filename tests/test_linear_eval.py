@@ -1,16 +1,18 @@
 """Linear evaluation: the paper's protocols (finetune, augmented, features), the fast probe, the untrained level."""
 
+import re
+
 import pytest
 import torch
 
 from pipeline.linear_eval import _fit, extract_features, feature_batches, linear_eval, load_backbone
 from pipeline.loaders import eval_loader, read_labels
-from pipeline.metrics import DatasetMetrics
+from pipeline.metrics import DatasetMetrics, LinearEvalMetrics
 from pipeline.model import build_model
 from pipeline.params import load_params
 from pipeline.pretrain import pretrain
 from pipeline.run import make_run
-from tests.helpers import tiny_params, write_params
+from tests.helpers import stage_process, tiny_params, write_params
 
 CPU = torch.device("cpu")
 
@@ -140,3 +142,16 @@ def test_extracted_labels_are_in_file_order_across_many_batches(tiny_dataset):
             backbone, eval_loader(path, batch_size, workers=2), torch.zeros(3), torch.ones(3), "fp32"
         )
         assert labels.tolist() == expected.tolist()
+
+
+def test_the_stage_shows_progress_and_prints_its_result(tiny_dataset, tmp_path):
+    """Issue 14: linear-eval ran for minutes silently and printed no result."""
+    cell = ["--dataset", "synthetic", "--method", "simclr", "--variant", "untrained", "--seed", "0"]
+    files = ["--data", str(tiny_dataset / "ffcv"), "--metadata", str(tiny_dataset / "meta.json")]
+    outputs = ["--metrics", str(tmp_path / "m.json"), "--params", str(tiny_params(tmp_path / "p.yaml"))]
+    process = stage_process("linear-eval", *cell, *files, *outputs)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    assert re.search(r"augmented protocol: 100% \(\d+ steps\)", output), output  # its progress, also in a log
+    result = LinearEvalMetrics.model_validate_json((tmp_path / "m.json").read_text())
+    assert f"augmented top-1 {result.top1:.4f}, top-5 {result.top5:.4f}; frozen probe top-1" in output
