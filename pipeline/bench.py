@@ -19,12 +19,11 @@ from torchvision import transforms as T
 
 from pipeline.augment import augment
 from pipeline.datasets.splits import Split
+from pipeline.gpu_check import Trainer, synchronize
 from pipeline.loaders import ssl_loader
-from pipeline.model import build_model, make_optimizer
 from pipeline.mutual_info import matrix_mutual_info
 from pipeline.params import ViewParams
 from pipeline.run import Run
-from pipeline.step import backward, forward
 
 
 def batches_per_second(batches: Iterator, count: int, warmup: int) -> float:
@@ -51,8 +50,7 @@ def our_batches(run: Run, beton: Path, batch_size: int, workers: int, device: to
     while True:
         for x_a, x_b, y in loader:
             yield [augment(x, view, *stats, generator) for x, view in zip((x_a, x_b), views)], y
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
 
 
 class _Blur:
@@ -112,23 +110,12 @@ def reference_batches(run: Run, split: Split, batch_size: int, workers: int) -> 
 
 
 def step_seconds(run: Run, batch_size: int, steps: int, device: torch.device) -> float:
-    """Seconds per training step (pipeline.step: both views, losses, logged values, LARS) on random inputs."""
-    torch.manual_seed(0)
-    model = build_model(run).to(device)
-    optimizer = make_optimizer(model, run)
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"]
-    parameters = list(model.parameters())
+    """Seconds per training step (pipeline.step: both views, losses, logged values, LARS) on random views
+    (loading and augmentation are timed in (a))."""
+    trainer = Trainer(run, device)
     x = torch.randn(2, batch_size, 3, run.crop_size, run.crop_size, device=device)
     y = torch.randint(0, run.num_classes, (batch_size,), device=device)
-
-    def step() -> None:
-        out = forward(model, run, x[0], x[1], y)
-        optimizer.zero_grad(set_to_none=True)
-        backward(out, run, parameters)
-        optimizer.step()
-
-    return _seconds(step, steps, device)
+    return _seconds(lambda: trainer.step_on_views(x[0], x[1], y), steps, device)
 
 
 def regularizer_seconds(run: Run, batch_size: int, repeats: int, device: torch.device) -> float:
@@ -140,13 +127,11 @@ def regularizer_seconds(run: Run, batch_size: int, repeats: int, device: torch.d
     return _seconds(lambda: matrix_mutual_info(h, z, run.common.renyi_alpha).backward(), repeats, device)
 
 
-def _seconds(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
+def _seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
     fn()  # warm up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - start) / repeats

@@ -99,8 +99,12 @@ class Trainer:
         return augment_views(self.run, images, self.generator, self.stats, self.memory_format)
 
     def step(self, images: Tensor, y: Tensor, ratio: bool = False) -> tuple[Forward, Tensor | None]:
-        """One step; with `ratio`, also the regularizer's gradient ratio (an epoch's first step)."""
-        out = forward(self.trained, self.run, *self.augment(images), y)
+        """One step from uint8 images; with `ratio`, also the regularizer's gradient ratio (an epoch's first step)."""
+        return self.step_on_views(*self.augment(images), y, ratio)
+
+    def step_on_views(self, x_a: Tensor, x_b: Tensor, y: Tensor, ratio: bool = False) -> tuple[Forward, Tensor | None]:
+        """One step from the two augmented, normalized views."""
+        out = forward(self.trained, self.run, x_a, x_b, y)
         measured = gradient_ratio(out, self.run) if ratio else None
         self.optimizer.zero_grad(set_to_none=True)
         backward(out, self.run, self.parameters)
