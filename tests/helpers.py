@@ -191,3 +191,9 @@ def pretrain_args(params: Path, dataset: Path, out: Path) -> list[str]:
     inputs = ["--data", str(dataset / "ffcv"), "--metadata", str(dataset / "meta.json")]
     outputs = ["--out", str(out), "--metrics", str(out / "metrics.json")]
     return ["pretrain", "--params", str(params), *cell, *inputs, *outputs]
+
+
+def convert_args(root: Path, metadata: Path | None = None) -> list[str]:
+    """`convert`'s paths: root/raw (what `prepare --out root/raw` wrote) to root/ffcv and `metadata`
+    (default root/meta.json)."""
+    return ["--raw", str(root / "raw"), "--out", str(root / "ffcv"), "--metadata", str(metadata or root / "meta.json")]

@@ -23,7 +23,7 @@ from pipeline.datasets.splits import ArraySplit
 from pipeline.errors import UserError
 from pipeline.loaders import eval_loader, ssl_loader
 from stages.cli import app
-from tests.helpers import REPO, SHARED_DATA, make_tree, stage_process, write_params
+from tests.helpers import REPO, SHARED_DATA, convert_args, make_tree, stage_process, write_params
 from tests.test_cifar import IMAGES_SHA256, LABELS_SHA256, needs_genuine
 
 
@@ -211,18 +211,7 @@ def slow_conversion(tmp_path):
     started = []
 
     def start() -> subprocess.Popen:
-        started.append(
-            stage_process(
-                "convert",
-                *args,
-                "--raw",
-                str(tmp_path / "raw"),
-                "--out",
-                str(tmp_path / "ffcv"),
-                "--metadata",
-                str(tmp_path / "meta.json"),
-            )
-        )
+        started.append(stage_process("convert", *args, *convert_args(tmp_path)))
         return started[-1]
 
     yield start

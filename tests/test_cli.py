@@ -3,7 +3,7 @@ from typer.testing import CliRunner
 
 from pipeline.errors import ParamsError
 from stages.cli import app
-from tests.helpers import write_params
+from tests.helpers import convert_args, write_params
 
 runner = CliRunner()
 
@@ -72,19 +72,7 @@ def test_prepare_and_convert_from_the_command_line(tmp_path):
     params = str(write_params(tmp_path / "p.yaml", datasets={"synthetic": {"train_per_class": 3, "test_per_class": 2}}))
     common = ["--dataset", "synthetic", "--params", params]
     assert runner.invoke(app, ["prepare", *common, "--out", str(tmp_path / "raw"), "--downloads", "d"]).exit_code == 0
-    result = runner.invoke(
-        app,
-        [
-            "convert",
-            *common,
-            "--raw",
-            str(tmp_path / "raw"),
-            "--out",
-            str(tmp_path / "ffcv"),
-            "--metadata",
-            str(tmp_path / "m" / "meta.json"),
-        ],
-    )
+    result = runner.invoke(app, ["convert", *common, *convert_args(tmp_path, tmp_path / "m" / "meta.json")])
     assert result.exit_code == 0, result.output
     assert '"count": 30' in (tmp_path / "m" / "meta.json").read_text()
 

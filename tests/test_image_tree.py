@@ -16,7 +16,7 @@ from pipeline.errors import UserError
 from pipeline.loaders import eval_loader
 from pipeline.params import load_params
 from stages.cli import app
-from tests.helpers import make_tree, stage_process, write_params, write_png16
+from tests.helpers import convert_args, make_tree, stage_process, write_params, write_png16
 
 
 def tree_params(tmp_path, name, root, **extra):
@@ -28,14 +28,7 @@ def folder_cli(tmp_path, command: str, **folder):
     params = write_params(tmp_path / "p.yaml", datasets={"folder": {"root": str(tmp_path / "tree"), **folder}})
     paths = {
         "prepare": ["--out", str(tmp_path / "raw")],
-        "convert": [
-            "--raw",
-            str(tmp_path / "raw"),
-            "--out",
-            str(tmp_path / "ffcv"),
-            "--metadata",
-            str(tmp_path / "meta.json"),
-        ],
+        "convert": convert_args(tmp_path),
     }[command]
     return CliRunner().invoke(app, [command, "--dataset", "folder", "--params", str(params), *paths])
 
