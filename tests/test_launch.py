@@ -24,6 +24,7 @@ from tests.helpers import REPO, pretrain_args, tiny_sections, write_params
 
 # Every params override of these tests. `tiny`: 2 methods x 2 seeds of seconds-long cells (the 2 x 2 matrix);
 # the others are merged on top of it for one launch each and touch the barlow_twins cells only.
+LONGER_EPOCHS = 100
 PARAMS = {
     "tiny": tiny_sections()
     | {
@@ -34,7 +35,8 @@ PARAMS = {
             "seeds": [0, 1],
         }
     },
-    "longer": {"pretrain": {"synthetic": {"barlow_twins": {"common": {"epochs": 20}}}}},  # time to requeue mid-training
+    # time to requeue mid-training: 20 epochs took 3 s, and a requeue under load landed after the task had ended
+    "longer": {"pretrain": {"synthetic": {"barlow_twins": {"common": {"epochs": LONGER_EPOCHS}}}}},
     "failing": {"pretrain": {"synthetic": {"barlow_twins": {"common": {"batch_size": 1000}}}}},  # > the 80 images
 }
 SIMCLR = ["synthetic-simclr-baseline-0", "synthetic-simclr-baseline-1"]
@@ -282,8 +284,8 @@ def test_slurm_runs_cells_two_at_a_time_requeued_tasks_resume_and_a_relaunch_run
     for cell, checkpoint in zip(BARLOW, checkpoints.values()):
         log = (project / "logs" / "launch" / f"{cell}.log").read_text()
         resumed = re.search(r"restart 1 .*\n(?:.*\n)*?.*resuming from \S+ after epoch (\d+)", log)
-        assert resumed and 1 <= int(resumed[1]) < 20, log[-3000:]
-        assert torch.load(checkpoint, weights_only=False)["epoch"] == 20
+        assert resumed and 1 <= int(resumed[1]) < LONGER_EPOCHS, log[-3000:]
+        assert torch.load(checkpoint, weights_only=True)["epoch"] == LONGER_EPOCHS
     assert "launch: time limit near" in (project / "logs" / "launch" / f"{BARLOW[1]}.log").read_text()
     assert all(len(attempts(project, cell)) == 1 for cell in SIMCLR)  # not run again
     check_pipeline_complete(project)
