@@ -269,6 +269,8 @@ def test_slurm_runs_cells_two_at_a_time_requeued_tasks_resume_and_a_relaunch_run
                 waiting.remove(task)
             else:  # "Job can not be altered now, try again later": Slurm is between two states of the task
                 assert "try again later" in result.stderr, result.stderr
+                if torch.load(checkpoints[task], weights_only=True)["epoch"] == LONGER_EPOCHS:  # CI saw this twice
+                    pytest.skip(f"Slurm refused to interrupt {task} until it had trained every epoch: {result.stderr}")
         time.sleep(0.05)
     assert not waiting, f"no checkpoint for {waiting}"
     for task in interrupt:  # a requeued task may start again after about 2 minutes: start it now
@@ -281,15 +283,20 @@ def test_slurm_runs_cells_two_at_a_time_requeued_tasks_resume_and_a_relaunch_run
         run(project, "scontrol", "update", f"jobid={task}", "StartTime=now", env=slurm)
     wait_for_jobs(project, slurm, [cells_job, final_job])
 
-    for cell, checkpoint in zip(BARLOW, checkpoints.values()):
-        log = (project / "logs" / "launch" / f"{cell}.log").read_text()
-        resumed = re.search(r"restart 1 .*\n(?:.*\n)*?.*resuming from \S+ after epoch (\d+)", log)
-        assert resumed and 1 <= int(resumed[1]) < LONGER_EPOCHS, log[-3000:]
-        assert torch.load(checkpoint, weights_only=True)["epoch"] == LONGER_EPOCHS
     assert "launch: time limit near" in (project / "logs" / "launch" / f"{BARLOW[1]}.log").read_text()
     assert all(len(attempts(project, cell)) == 1 for cell in SIMCLR)  # not run again
     check_pipeline_complete(project)
     assert (project / "logs" / "launch" / "report.log").read_text().count("audit: OK") == 2
+    for cell, checkpoint in reversed(list(zip(BARLOW, checkpoints.values()))):  # USR1 cell first: a skip comes after it
+        assert torch.load(checkpoint, weights_only=True)["epoch"] == LONGER_EPOCHS
+        log = (project / "logs" / "launch" / f"{cell}.log").read_text()
+        resumed = re.search(r"restart 1 .*\n(?:.*\n)*?.*resuming from \S+ after epoch (\d+)", log)
+        if not resumed and re.search(r"restart 0 .*\n(?:.*\n)*?launch: end \S+ exit 0\n.*restart 1 ", log):
+            pytest.skip(
+                f"{cell}: Slurm accepted the requeue but let the running task finish first (seen on this "
+                "single-node Slurm): resuming after a requeue was not exercised this time"
+            )
+        assert resumed and 1 <= int(resumed[1]) < LONGER_EPOCHS, log[-3000:]
 
 
 @pytest.mark.slow
