@@ -1,5 +1,5 @@
 """`--backend slurm`: one `sbatch` array with a task per cell, then a job that runs the rest of the pipeline
-(the report, any other stale stage) and the audit once every cell has succeeded."""
+(the report, any other stale stage) and the audit once every task has ended and every cell is done."""
 
 import shlex
 import shutil
@@ -67,7 +67,7 @@ def submit(cells: list[Cell], options: SlurmOptions, logs: Path) -> None:
     """Submit the cells' array (if any cell is stale) and the final job after it; print how to follow them."""
     logs.mkdir(parents=True, exist_ok=True)
     jobs = [_submit_cells(cells, options, logs)] if cells else []
-    jobs.append(_submit_final(jobs[0] if jobs else None, options, logs))
+    jobs.append(_submit_final(jobs[0] if jobs else None, cells, options, logs))
     typer.echo(f"follow: squeue -j {','.join(jobs)}  |  tail -f {logs}/<cell>.log  |  cancel: scancel {' '.join(jobs)}")
 
 
@@ -94,8 +94,10 @@ def _submit_cells(cells: list[Cell], options: SlurmOptions, logs: Path) -> str:
     return job
 
 
-def _submit_final(after: str | None, options: SlurmOptions, logs: Path) -> str:
-    dependency = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
+def _submit_final(after: str | None, cells: list[Cell], options: SlurmOptions, logs: Path) -> str:
+    # `afterany`, not `afterok`: the job checks the cells itself, says which are not done, and never waits forever
+    # on a dependency Slurm deems failed (a requeued task's killed attempt can count as a failure)
+    dependency = [f"--dependency=afterany:{after}"] if after else []
     # one GPU: what is left after the cells is light (the report, cheap evaluations)
     job = _sbatch(
         [
@@ -106,9 +108,9 @@ def _submit_final(after: str | None, options: SlurmOptions, logs: Path) -> str:
             f"--output={logs}/report.log",
             *options.common(),
         ],
-        _write(logs / "report.sh", final_script(options)),
+        _write(logs / "report.sh", final_script(cells, options, logs)),
     )
-    when = f" once every task of job {after} has succeeded (cancelled if one fails)" if after else ""
+    when = f" once every task of job {after} has ended (it stops there if a cell is not done)" if after else ""
     typer.echo(f"submitted job {job}: dvc repro, then audit{when}; log: {logs}/report.log")
     return job
 
@@ -116,8 +118,8 @@ def _submit_final(after: str | None, options: SlurmOptions, logs: Path) -> str:
 def cells_script(cells: list[Cell], options: SlurmOptions, logs: Path) -> str:
     """The array's batch script: task i runs `dvc repro --single-item` of cell i's stages, appending to the
     cell's log (a requeued task appends its next attempt); a line at start and at end says when and on which
-    GPUs. Slurm's warning before the time limit (USR1) makes the task requeue itself: the next attempt
-    resumes from the cell's checkpoint."""
+    GPUs. Slurm's warning before the time limit (USR1) makes the task requeue itself (again every 10 s while Slurm
+    answers "try again later"): the next attempt resumes from the cell's checkpoint."""
     keys = " ".join(shlex.quote(cell.key) for cell in cells)
     stages = " ".join(shlex.quote(" ".join(cell.stages)) for cell in cells)
     python, path = options.python()
@@ -129,7 +131,12 @@ cell=${{cells[$SLURM_ARRAY_TASK_ID]}}
 task=${{SLURM_ARRAY_JOB_ID}}_$SLURM_ARRAY_TASK_ID
 exec >>{shlex.quote(str(logs))}/"$cell.log" 2>&1
 {path}export {NPROC_VARIABLE}={options.gpus_per_cell}
-trap 'echo "launch: time limit near: requeue $task"; scontrol requeue "$task"; wait' USR1
+requeue() {{
+  echo "launch: time limit near: requeue $task"
+  until scontrol requeue "$task"; do sleep 10; done
+  wait
+}}
+trap requeue USR1
 echo "launch: start $(date +%s.%N) CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-}} task $task \\
 restart ${{SLURM_RESTART_COUNT:-0}} on $(hostname)"
 {python} -m dvc --wait-for-lock repro --single-item ${{stages[$SLURM_ARRAY_TASK_ID]}} &
@@ -140,13 +147,27 @@ exit $status
 """
 
 
-def final_script(options: SlurmOptions) -> str:
+def final_script(cells: list[Cell], options: SlurmOptions, logs: Path) -> str:
+    """What is left of the pipeline, then the audit; after a cells' array, only if every cell's stages are up to
+    date (a failed or cancelled task's are not: they are listed, and the job exits 1 before running them here)."""
     python, path = options.python()
+    stages = " ".join(shlex.quote(stage) for cell in cells for stage in cell.stages)
+    check = (
+        f"""if ! {python} -m dvc --wait-for-lock status --quiet {stages}; then
+  echo "launch: not every cell is done (a task failed or was cancelled: see {logs}/<cell>.log); not done:"
+  {python} -m dvc status {stages}
+  echo "launch: fix the cause, then launch again"
+  exit 1
+fi
+"""
+        if cells
+        else ""
+    )
     return f"""#!/bin/bash
 # Written by `python -m stages launch --backend slurm`: what is left of the pipeline, then the audit.
 set -e
 {path}echo "launch: start $(date +%s.%N) job $SLURM_JOB_ID on $(hostname)"
-{python} -m dvc --wait-for-lock repro
+{check}{python} -m dvc --wait-for-lock repro
 {python} -m stages audit
 """
 
