@@ -6,8 +6,9 @@ import math
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,14 +17,21 @@ from pipeline.metrics import DatasetMetrics, LinearEvalMetrics, PretrainMetrics,
 from pipeline.params import Strict, load_params
 from stages.common import PARAMS_FILE, ParamsFile
 
+if TYPE_CHECKING:
+    from pipeline.report import Cell  # imported where it runs: it loads scipy and matplotlib
+
 Folder = Annotated[Path, typer.Option(help="A folder (see dvc.yaml).")]
-RUN = "{}/{}/{}/seed{}"  # a cell's run folder under --runs (dvc.yaml's pretrain --out): dataset, method, variant, seed
 SCHEMAS: dict[str, type[Strict]] = {
     "datasets": DatasetMetrics,
     "pretrain": PretrainMetrics,
     "linear_eval": LinearEvalMetrics,
     "untrained": LinearEvalMetrics,
 }
+
+
+def run_logs(runs: Path) -> Callable[["Cell"], Path]:
+    """Where a cell's log.csv is under `runs`: in its run folder, dvc.yaml's pretrain --out."""
+    return lambda cell: runs.joinpath(*cell[:3], f"seed{cell[3]}", "log.csv")
 
 
 def report(
@@ -44,7 +52,7 @@ def report(
         pretrain_metrics,
         linear_metrics,
         untrained_metrics,
-        lambda cell: runs / RUN.format(*cell) / "log.csv",
+        run_logs(runs),
         reference,
         out,
     )
@@ -80,7 +88,7 @@ def audit(
             metrics / "pretrain",
             metrics / "linear_eval",
             metrics / "untrained",
-            lambda cell: runs / RUN.format(*cell) / "log.csv",
+            run_logs(runs),
             reference,
             regenerated,
         )

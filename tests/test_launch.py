@@ -274,7 +274,7 @@ def test_slurm_runs_cells_two_at_a_time_a_requeued_task_resumes_and_a_relaunch_r
     run(project, "scontrol", "update", f"jobid={task}", "StartTime=now", env=slurm)
     wait_for_jobs(project, slurm, [cells_job, final_job])
 
-    assert all(len(attempts(project, cell)) == 1 for cell in SIMCLR)  # not run again
+    assert all(len(attempts(project, simclr)) == 1 for simclr in SIMCLR)  # not run again
     check_pipeline_complete(project)
     report = project / "logs" / "launch" / "report.log"
     assert report.read_text().count("audit: OK") == 2, report.read_text()[-3000:]

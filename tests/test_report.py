@@ -11,7 +11,7 @@ from pipeline.metrics import EpochLog, LinearEvalMetrics, PretrainMetrics, write
 from pipeline.params import ExperimentParams
 from pipeline.report import paired_gain, write_report
 from stages.cli import app
-from stages.report import RUN
+from stages.report import run_logs
 from tests.helpers import REPO
 
 EXPERIMENT = ExperimentParams(
@@ -81,7 +81,7 @@ def make_report(root, out):
         root / "pretrain",
         root / "linear_eval",
         root / "untrained",
-        lambda cell: root / "runs" / RUN.format(*cell) / "log.csv",
+        run_logs(root / "runs"),
         REPO / "references" / "paper.yaml",
         out,
     )
