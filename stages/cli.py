@@ -8,6 +8,7 @@ from pipeline.params import load_params
 from stages.bench import bench
 from stages.common import PARAMS_FILE, ParamsFile, set_debug, stage
 from stages.data import convert, prepare
+from stages.export import export
 from stages.launch import launch
 from stages.linear_eval import linear_eval_command
 from stages.pretrain import pretrain_command
@@ -37,7 +38,7 @@ def check_params(params_file: ParamsFile = PARAMS_FILE) -> None:
     typer.echo(f"{params_file}: OK ({', '.join(params.experiment.datasets)})")
 
 
-for command in (check_params, prepare, convert, bench, report, audit, compare, launch):
+for command in (check_params, prepare, convert, bench, report, audit, compare, launch, export):
     app.command()(stage(command))
 app.command("pretrain")(stage(pretrain_command))
 app.command("linear-eval")(stage(linear_eval_command))
