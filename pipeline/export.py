@@ -70,7 +70,10 @@ def encoder_from_checkpoint(state: dict, source: Path) -> tuple[dict[str, Tensor
         )
         tensors = {k: v.contiguous() for k, v in encoder_weights(state).items()}  # safetensors stores dense tensors
     except (KeyError, TypeError, AttributeError, ValidationError) as e:
-        raise UserError(f"{source}: not a pretraining checkpoint of this pipeline ({_reason(e)})") from None
+        raise UserError(
+            f"{source}: not a pretraining checkpoint of this pipeline ({_reason(e)}); pass the checkpoint.pt a "
+            "pretraining run wrote"
+        ) from None
     rebuild(tensors, metadata, source)
     return tensors, metadata
 

@@ -68,6 +68,14 @@ def test_export_then_load_gives_the_checkpoints_features_and_cell(trained, tmp_p
     assert (metadata.epoch, metadata.epochs) == (3, 3)
 
 
+def test_an_unfinished_run_is_exported_with_a_warning(trained, tmp_path):
+    state = load_checkpoint(trained[1], "")
+    torch.save(state | {"epoch": 1}, tmp_path / "checkpoint.pt")
+    result = export(tmp_path / "checkpoint.pt", tmp_path / "e.safetensors")
+    assert result.exit_code == 0 and "an unfinished run, exported after epoch 1 of 3" in result.output, result.output
+    assert load_encoder(tmp_path / "e.safetensors")[1].epoch == 1
+
+
 def test_channels_last_weights_are_exported(trained, tmp_path):
     """A GPU run with training.channels_last saves strided 4-d weights; safetensors stores dense tensors only."""
     run, checkpoint = trained
@@ -191,7 +199,8 @@ def test_export_refuses_a_checkpoint_without_a_run_config(tmp_path):
     torch.save({"model": {"backbone.conv1.weight": torch.zeros(4, 3, 3, 3)}, "epoch": 1}, tmp_path / "c.pt")
     result = export(tmp_path / "c.pt", tmp_path / "e.safetensors")
     assert result.exit_code == 1 and not (tmp_path / "e.safetensors").exists()
-    assert result.output == f"error: {tmp_path / 'c.pt'}: not a pretraining checkpoint of this pipeline (no 'config')\n"
+    message = "not a pretraining checkpoint of this pipeline (no 'config')"
+    assert result.output == f"error: {tmp_path / 'c.pt'}: {message}; pass the checkpoint.pt a pretraining run wrote\n"
 
 
 def test_the_header_holds_the_metadata_as_strings(tmp_path):
