@@ -19,8 +19,11 @@ def export(
     """Write a pretrained encoder as safetensors (no pickle) in torchvision's resnet18 key layout, with its cell,
     stem, width and normalization in the metadata; `pipeline.export.load_encoder` reads it back."""
     from pipeline.checkpoint import load_checkpoint
+    from pipeline.errors import UserError
     from pipeline.export import encoder_from_checkpoint, save_encoder
 
+    if out.is_dir():
+        raise UserError(f"--out {out}: a folder; give the path of the .safetensors file to write")
     state = load_checkpoint(checkpoint, "pass the checkpoint.pt a pretraining run wrote")
     tensors, metadata = encoder_from_checkpoint(state, checkpoint)
     if metadata.epoch < metadata.epochs:

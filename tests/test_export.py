@@ -208,3 +208,11 @@ def test_the_header_holds_the_metadata_as_strings(tmp_path):
     header = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])["__metadata__"]
     assert header["stem"] == "imagenet" and header["width"] == "64" and json.loads(header["mean"]) == [0.5, 0.5, 0.5]
     assert len(header["sha256"]) == 64
+
+
+def test_export_refuses_a_folder_as_out(trained, tmp_path):
+    result = export(trained[1], tmp_path)
+    assert (
+        result.exit_code == 1
+        and result.output == f"error: --out {tmp_path}: a folder; give the path of the .safetensors file to write\n"
+    )
