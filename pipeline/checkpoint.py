@@ -5,6 +5,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from pipeline.errors import UserError
 
@@ -27,3 +28,8 @@ def load_checkpoint(path: Path, remedy: str) -> dict:
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path}: not a checkpoint of this pipeline (no model weights); {remedy}")
     return state
+
+
+def encoder_weights(state: dict) -> dict[str, Tensor]:
+    """The backbone's tensors in a checkpoint's model weights, named as in `ResNet18` (and torchvision)."""
+    return {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from pipeline.augment import ViewSpec, augment
 from pipeline.backbones import ResNet18
-from pipeline.checkpoint import load_checkpoint
+from pipeline.checkpoint import encoder_weights, load_checkpoint
 from pipeline.errors import UserError
 from pipeline.knn import knn_scores, topk_accuracy
 from pipeline.loaders import eval_loader, ssl_loader
@@ -49,9 +49,8 @@ def load_backbone(run: Run, checkpoint: Path | None) -> ResNet18:
         return initial_backbone(run)
     state = load_checkpoint(checkpoint, "pass the checkpoint.pt a pretraining run wrote")
     backbone = build_backbone(run)
-    weights = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
     try:
-        backbone.load_state_dict(weights)
+        backbone.load_state_dict(encoder_weights(state))
     except RuntimeError as e:
         raise UserError(
             f"{checkpoint}: its encoder does not fit pretrain.{run.dataset}.{run.method}.common "

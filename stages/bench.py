@@ -24,10 +24,10 @@ from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFi
 
 def bench(
     dataset: Dataset,
-    raw: Annotated[Path, typer.Option(help="The prepared raw folder (the reference path reads it).")],
+    raw: Annotated[Path, typer.Option(help="The folder `prepare` wrote (the reference's PIL loader reads it).")],
     data: Data,
     metadata: Metadata,
-    out: Annotated[Path, typer.Option(help="JSON file for the results.")],
+    out: Annotated[Path, typer.Option(help="JSON file to write: the measured speeds, shares and memory.")],
     method: Method = "simclr",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
     width: Annotated[int, typer.Option(help="Backbone width for (b) and (c); 64 is the paper's.")] = 64,

@@ -42,7 +42,9 @@ def convert(
     dataset: Dataset,
     raw: Annotated[Path, typer.Option(help="The folder `prepare` wrote.")],
     out: Annotated[Path, typer.Option(help="Folder for train.beton and test.beton.")],
-    metadata: Annotated[Path, typer.Option(help="JSON file for counts, shapes and checksums.")],
+    metadata: Annotated[
+        Path, typer.Option(help="JSON file to write: class counts, image shape, pixel statistics, checksums.")
+    ],
     params_file: ParamsFile = PARAMS_FILE,
 ) -> None:
     """Convert the train and test splits to FFCV .beton files and describe them."""

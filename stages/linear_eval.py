@@ -17,7 +17,7 @@ def linear_eval_command(
     seed: Seed,
     data: Data,
     metadata: Metadata,
-    metrics: Annotated[Path, typer.Option(help="Metrics JSON to write.")],
+    metrics: Annotated[Path, typer.Option(help="JSON file to write: the evaluations' top-1 and top-5 accuracies.")],
     variant: Annotated[
         str,
         typer.Option(

@@ -27,7 +27,9 @@ def pretrain_command(
     data: Data,
     metadata: Metadata,
     out: Annotated[Path, typer.Option(help="Run folder: checkpoint.pt, log.csv (resumed if present).")],
-    metrics: Annotated[Path, typer.Option(help="Metrics JSON written at the end.")],
+    metrics: Annotated[
+        Path, typer.Option(help="JSON file written at the end: the last epoch's losses, bounds and accuracy.")
+    ],
     params_file: ParamsFile = PARAMS_FILE,
 ) -> None:
     """Pretrain a ResNet-18 with SimCLR or Barlow Twins (+ the variant's projector modifications)."""

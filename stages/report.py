@@ -20,7 +20,6 @@ from stages.common import PARAMS_FILE, ParamsFile
 if TYPE_CHECKING:
     from pipeline.report import Cell  # imported where it runs: it loads scipy and matplotlib
 
-Folder = Annotated[Path, typer.Option(help="A folder (see dvc.yaml).")]
 SCHEMAS: dict[str, type[Strict]] = {
     "datasets": DatasetMetrics,
     "pretrain": PretrainMetrics,
@@ -35,11 +34,27 @@ def run_logs(runs: Path) -> Callable[["Cell"], Path]:
 
 
 def report(
-    pretrain_metrics: Folder,
-    linear_metrics: Folder,
-    untrained_metrics: Folder,
-    runs: Folder,
-    out: Folder,
+    pretrain_metrics: Annotated[
+        Path, typer.Option(help="Folder of pretrain's metrics JSON files, one per cell (final losses, bounds, ratio).")
+    ],
+    linear_metrics: Annotated[
+        Path, typer.Option(help="Folder of linear-eval's metrics JSON files of the pretrained cells (accuracies).")
+    ],
+    untrained_metrics: Annotated[
+        Path,
+        typer.Option(
+            help="Folder of linear-eval's metrics JSON files of the untrained encoders, one per setting and seed."
+        ),
+    ],
+    runs: Annotated[
+        Path,
+        typer.Option(
+            help="Folder of the run folders: each cell's <dataset>/<method>/<variant>/seed<s>/log.csv, the curves."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Report folder to write (replaced whole): results.md, .csv, .json and the figures.")
+    ],
     reference: Annotated[Path, typer.Option(help="The paper's values (references/paper.yaml).")],
     params_file: ParamsFile = PARAMS_FILE,
 ) -> None:
@@ -59,10 +74,16 @@ def report(
 
 
 def audit(
-    metrics: Annotated[Path, typer.Option(help="The metrics folder.")] = Path("metrics"),
-    reports: Annotated[Path, typer.Option(help="The report folder.")] = Path("reports"),
-    reference: Annotated[Path, typer.Option(help="The paper's values.")] = Path("references/paper.yaml"),
-    runs: Annotated[Path, typer.Option(help="The runs folder.")] = Path("runs"),
+    metrics: Annotated[
+        Path, typer.Option(help="Folder of every stage's metrics: datasets/, pretrain/, linear_eval/, untrained/.")
+    ] = Path("metrics"),
+    reports: Annotated[Path, typer.Option(help="The report folder to check, as `report` wrote it.")] = Path("reports"),
+    reference: Annotated[Path, typer.Option(help="The paper's values (YAML) the report used.")] = Path(
+        "references/paper.yaml"
+    ),
+    runs: Annotated[
+        Path, typer.Option(help="Folder of the run folders, whose log.csv files the report's curves come from.")
+    ] = Path("runs"),
     params_file: ParamsFile = PARAMS_FILE,
 ) -> None:
     """Check that the outputs are what the code and params produce: every metrics file matches its

@@ -1,4 +1,9 @@
+import inspect
+import re
+
 import pytest
+import typer
+from typer.core import TyperArgument, TyperOption
 from typer.testing import CliRunner
 
 from pipeline.errors import ParamsError
@@ -8,25 +13,38 @@ from tests.helpers import convert_args, write_params
 runner = CliRunner()
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        [],
-        ["check-params"],
-        ["prepare"],
-        ["convert"],
-        ["pretrain"],
-        ["linear-eval"],
-        ["bench"],
-        ["report"],
-        ["audit"],
-        ["compare"],
-        ["launch"],
-    ],
-)
-def test_every_command_has_help(command):
+COMMANDS = typer.main.get_command(app).commands  # name -> command, every command of the app
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in COMMANDS)], ids=["app", *COMMANDS])
+def test_every_command_has_help_without_bool_after_flags(command):
+    """Typer 0.29's rich help printed `--help <bool>` and `--debug <bool>`, as if they took a value."""
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+    assert "--help " in result.output and "<bool>" not in result.output, result.output
+
+
+def test_the_command_list_shows_each_summary_on_one_line():
+    """The list kept the docstrings' line breaks (`bench`: "... first, (e) the" then "start-up of ...")."""
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "1000"})
+    for command in COMMANDS.values():
+        summary = " ".join(inspect.cleandoc(command.help or "").split("\n\n")[0].split())
+        assert summary in result.output, f"{command.name}: {summary}"
+
+
+# Help that names no content: the report's five folders were all "A folder (see dvc.yaml)."
+VAGUE = re.compile(r"^(an?|the) (\w+ )?(folder|file|path)\.?$|see dvc\.yaml", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_path_option_says_what_it_holds(name):
+    paths = [
+        p for p in COMMANDS[name].params if isinstance(p, TyperArgument | TyperOption) and p.type_descriptor.is_path
+    ]
+    helps = [p.help or "" for p in paths]
+    for param, text in zip(paths, helps):
+        assert text and not VAGUE.search(text), f"{name} {param.name}: {text!r}"
+    assert len(set(helps)) == len(helps), f"{name}: path options share a help text: {helps}"
 
 
 def test_unknown_dataset_lists_choices(tmp_path):
