@@ -17,8 +17,10 @@ from stages.cli import app
 from tests.helpers import REPO
 
 DVC = YAML(typ="safe", pure=True).load((REPO / "dvc.yaml").read_text())
-# Modules that do not change what a stage computes: messages, progress display, staging of outputs, FFCV's import.
+# Modules that do not change what a stage computes: messages, progress display, staging of outputs, FFCV's import,
+# the record of the machine it ran on (the report, which lists the machines, depends on it by name).
 NOT_DEPENDENCIES = {
+    "pipeline/provenance.py",
     "pipeline/__init__.py",
     "pipeline/errors.py",
     "pipeline/progress.py",
