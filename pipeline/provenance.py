@@ -26,7 +26,7 @@ from pipeline.metrics import CellMetrics
 from pipeline.params import Strict
 
 # oneDNN names its ISA in its verbose log, once per process, on its first primitive (a convolution this big)
-_PROBE_SHAPES = ((8, 16, 32, 32), (32, 16, 3, 3))
+_PROBE = "torch.nn.functional.conv2d(torch.ones(8, 16, 32, 32), torch.ones(32, 16, 3, 3))"
 _ISA = re.compile(r"^onednn_verbose,.*\bisa:(.+)$", re.MULTILINE)
 
 
@@ -104,13 +104,13 @@ def _cpu_model() -> str:
 def _onednn_isa() -> str:
     """oneDNN prints its ISA once per process, on its first primitive: read it here when this process has not
     used oneDNN yet (call `machine` early), else from a child process (which honours ONEDNN_MAX_CPU_ISA too)."""
-    found = _ISA.search(_stdout_of(lambda: torch.nn.functional.conv2d(*(torch.ones(s) for s in _PROBE_SHAPES))))
+    found = _ISA.search(_stdout_of(lambda: eval(_PROBE, {"torch": torch})))
     if not found:
         probe = subprocess.run(
             [
                 sys.executable,
                 "-c",
-                f"import torch; torch.nn.functional.conv2d(*(torch.ones(s) for s in {_PROBE_SHAPES}))",
+                f"import torch; {_PROBE}",
             ],
             capture_output=True,
             text=True,
