@@ -18,7 +18,7 @@ from ruamel.yaml import YAML
 from scipy.stats import t as student_t
 
 from pipeline.atomic import atomic_dir
-from pipeline.metrics import COLUMNS, LinearEvalMetrics, PretrainMetrics, collect, read_log
+from pipeline.metrics import COLUMNS, EpochLog, LinearEvalMetrics, PretrainMetrics, collect, read_log
 from pipeline.params import UNIT_ROUNDOFF, UNTRAINED, ExperimentParams
 from pipeline.plots import gains_chart, training_curves
 from pipeline.provenance import Machine, Provenance, machines
@@ -232,7 +232,8 @@ def write_report(
     reference: Path,
     out: Path,
 ) -> None:
-    """`out/`: results.md, results.csv, results.json, curves-<dataset>-<method>.png, gains.png.
+    """`out/`: results.md, results.csv, results.json, curves.csv (every cell's log.csv, for DVC's plots),
+    curves-<dataset>-<method>.png, gains.png.
 
     `provenance/{pretrain,linear_eval,untrained}/` hold the stages' `Provenance` records (the machines).
 
@@ -259,7 +260,8 @@ def write_report(
         for record in collect(provenance / kind, Provenance, kind_cells).values()
     ]
     tables["machines"] = machines(records)
-    histories = {(d, m, v): _mean_history([run_log((d, m, v, s)) for s in experiment.seeds]) for d, m, v, _ in cells}
+    logs = {cell: read_log(run_log(cell)) for cell in cells}
+    histories = {(d, m, v): _mean_history([logs[d, m, v, s] for s in experiment.seeds]) for d, m, v, _ in cells}
     with atomic_dir(out) as staging:
         (staging / "results.json").write_text(json.dumps({"claim": paper["claim"]} | tables, indent=2) + "\n")
         with open(staging / "results.csv", "w", newline="") as f:
@@ -267,6 +269,7 @@ def write_report(
             writer.writeheader()
             writer.writerows(tables["rows"])
         (staging / "results.md").write_text(markdown(tables, experiment.variants, paper["claim"]))
+        _write_curves(logs, staging / "curves.csv")
         for dataset, method in settings:
             training_curves(
                 {v: histories[dataset, method, v] for v in experiment.variants},
@@ -294,9 +297,18 @@ CSV_COLUMNS = [
 ]
 
 
-def _mean_history(paths: list[Path]) -> list[dict]:
-    """Per-epoch rows of log.csv files, averaged over the files (seeds)."""
-    runs = [read_log(path) for path in paths]
+def _write_curves(logs: dict[Cell, list[EpochLog]], path: Path) -> None:
+    """Every cell's log in one long table (a row per cell and epoch): dvc.yaml's plots draw a line per cell."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["cell", *COLUMNS])
+        for (dataset, method, variant, seed), log in logs.items():
+            cell = f"{dataset}-{method}-{variant}-seed{seed}"
+            writer.writerows([cell, *(f"{getattr(row, c):.6g}" for c in COLUMNS)] for row in log)
+
+
+def _mean_history(runs: list[list[EpochLog]]) -> list[dict]:
+    """Per-epoch rows of runs' logs, averaged over the runs (seeds)."""
     return [
         {key: float(np.mean([getattr(run[i], key) for run in runs])) for key in COLUMNS}
         for i in range(min(len(run) for run in runs))

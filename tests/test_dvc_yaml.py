@@ -90,5 +90,7 @@ def test_params_keys_exist(stage):
 
 
 def test_plot_keys_and_curves_are_log_columns():
-    assert set(DVC["plots"][0]["runs"]["y"]) <= set(COLUMNS)
+    plotted = [column for plot in DVC["plots"] for spec in plot.values() for column in spec["y"].values()]
+    assert len(plotted) == len(set(plotted)) and set(plotted) <= set(COLUMNS)  # one plot per quantity
+    assert all((REPO / spec["template"]).is_file() for plot in DVC["plots"] for spec in plot.values())
     assert {key for key, _ in CURVES} <= set(COLUMNS)

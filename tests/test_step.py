@@ -1,6 +1,8 @@
 """The training step on CPU along the CUDA code path: bf16 autocast, torch.compile, no host synchronization,
 and the MI regularizer's gradient, rounded away in bf16 unless it gets its own backward pass."""
 
+import copy
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -83,28 +85,51 @@ def grads(run, model, mode, x=None):
     return torch.cat([p.grad.flatten() for p in model.backbone.parameters()]), out
 
 
+def rounding_bound(model, run, x):
+    """First-order bound on how far the SSL loss moves when every tensor autocast stores in bf16 is rounded:
+    rounding a tensor a to relative precision u moves L by at most u · Σ|a|·|∂L/∂a| (to first order), so the
+    bound is u · Σ over the weights, the input images and every layer's output of Σ|a|·|∂L/∂a|, computed in
+    float64. Each module's output is counted; the ops between modules (residual sums, pooling, the loss's
+    normalization and similarity products) round tensors of the same sizes once more: a factor 2 covers them."""
+    model = model.double()
+    outputs = []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        outputs.append(output)
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules() if not list(m.children())]
+    x_a, x_b, y = (t.double().requires_grad_() if t.is_floating_point() else t for t in x)
+    out = forward(model, run, x_a, x_b, y)
+    out.ssl.backward()
+    for hook in hooks:
+        hook.remove()
+    tensors = [*model.parameters(), x_a, x_b, *outputs]
+    total = sum(float((t.detach() * t.grad).square().sum()) for t in tensors if t.grad is not None)
+    return out.ssl.item(), 2 * 6 * UNIT_ROUNDOFF["bf16"] / 3**0.5 * total**0.5
+
+
 @pytest.mark.parametrize("method", ["simclr", "barlow_twins"])
-def test_bf16_step_on_cpu_follows_fp32(tmp_path, method):
-    losses = {}
-    for precision in ("fp32", "bf16"):
-        run = tiny_run(tmp_path, precision=precision, method=method)
-        torch.manual_seed(0)
-        model = build_model(run)
-        optimizer = make_optimizer(model, run)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"]
-        logged = []
-        for step in range(3):
-            out = forward(model, run, *batch(step))
-            optimizer.zero_grad(set_to_none=True)
-            backward(out, run, list(model.parameters()))
-            optimizer.step()
-            logged.append(out.logged)
-        losses[precision] = torch.stack(logged)
-    assert torch.isfinite(losses["bf16"]).all()
-    # SSL loss, I(Z1;Z2), I(Z1;R): within bf16's rounding at the first step, then drifting apart slowly
-    torch.testing.assert_close(losses["bf16"][0, :3], losses["fp32"][0, :3], rtol=0.01, atol=0.002)
-    torch.testing.assert_close(losses["bf16"][:, :3], losses["fp32"][:, :3], rtol=0.1, atol=0.01)
+def test_bf16_step_on_cpu_is_within_its_rounding_of_float64(tmp_path, method):
+    """bf16 autocast on the CPU (the CUDA code path) against the same step in float64, within the first-order
+    rounding bound of `rounding_bound`. One step, not several against fp32: training is chaotic, and the
+    kernels a CPU picks (AMX, AVX-512, AVX2) move its rounding, so only one step's error has a bound that
+    holds on every machine (issue 17: over 3 steps bf16 and fp32 were 15% apart on an AMX CPU)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_run(tmp_path, method=method))
+    exact, bound = rounding_bound(copy.deepcopy(model), tiny_run(tmp_path, precision="fp32", method=method), batch())
+    bf16 = tiny_run(tmp_path, precision="bf16", method=method)
+    out = forward(model, bf16, *batch())
+    assert abs(out.ssl.item() - exact) <= bound, (out.ssl.item(), exact, bound)
+    optimizer = make_optimizer(model, bf16)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"]
+    for step in range(3):  # and it trains: every logged value finite
+        out = forward(model, bf16, *batch(step))
+        optimizer.zero_grad(set_to_none=True)
+        backward(out, bf16, list(model.parameters()))
+        optimizer.step()
+        assert torch.isfinite(out.logged).all()
 
 
 def test_regularizer_rounds_away_in_bf16_unless_it_has_its_own_backward(tmp_path):
