@@ -260,7 +260,7 @@ def write_report(
         for record in collect(provenance / kind, Provenance, kind_cells).values()
     ]
     tables["machines"] = machines(records)
-    logs = {cell: read_log(run_log(cell)) for cell in cells}
+    logs: dict[Cell, list[EpochLog]] = {cell: read_log(run_log(cell)) for cell in cells}
     histories = {(d, m, v): _mean_history([logs[d, m, v, s] for s in experiment.seeds]) for d, m, v, _ in cells}
     with atomic_dir(out) as staging:
         (staging / "results.json").write_text(json.dumps({"claim": paper["claim"]} | tables, indent=2) + "\n")
