@@ -231,9 +231,9 @@ def write_report(
     run_log: Callable[[Cell], Path],
     reference: Path,
     out: Path,
-) -> None:
+) -> dict:
     """`out/`: results.md, results.csv, results.json, curves.csv (every cell's log.csv, for DVC's plots),
-    curves-<dataset>-<method>.png, gains.png.
+    curves-<dataset>-<method>.png, gains.png. Returns the tables (results.json's content).
 
     `provenance/{pretrain,linear_eval,untrained}/` hold the stages' `Provenance` records (the machines).
 
@@ -277,6 +277,18 @@ def write_report(
                 staging / f"curves-{dataset}-{method}.png",
             )
         gains_chart(tables["rows"], staging / "gains.png")
+    return tables
+
+
+def summary(tables: dict) -> dict:
+    """The report as DVC shows metrics: `metric.dataset.method.variant` -> mean (and std, gain), numbers only."""
+    nested: dict = {}
+    for row in tables["rows"]:
+        values = {key: row[key] for key in ("mean", "std", "gain") if row.get(key) is not None}
+        nested.setdefault(row["metric"], {}).setdefault(row["dataset"], {}).setdefault(row["method"], {})[
+            row["variant"]
+        ] = values
+    return nested
 
 
 CSV_COLUMNS = [

@@ -42,13 +42,16 @@ def report(
     runs: Folder,
     out: Folder,
     reference: Annotated[Path, typer.Option(help="The paper's values (references/paper.yaml).")],
+    summary: Annotated[Path, typer.Option(help="JSON of the report's means, stds and gains: DVC's metrics view.")],
     params_file: ParamsFile = PARAMS_FILE,
 ) -> None:
     """Tables (mean ± std over seeds, the untrained encoder beside them, gains with 95% intervals, the paper's
     values), whether the MI regularizer can act, plots, results.{md,csv,json}."""
+    from pipeline.atomic import atomic_file
+    from pipeline.report import summary as summarize
     from pipeline.report import write_report
 
-    write_report(
+    tables = write_report(
         load_params(params_file).experiment,
         pretrain_metrics,
         linear_metrics,
@@ -58,6 +61,8 @@ def report(
         reference,
         out,
     )
+    with atomic_file(summary) as staging:
+        staging.write_text(json.dumps(summarize(tables), indent=2) + "\n")
 
 
 def audit(

@@ -11,7 +11,7 @@ from pipeline.errors import UserError
 from pipeline.metrics import EpochLog, LinearEvalMetrics, PretrainMetrics, write_log
 from pipeline.params import ExperimentParams
 from pipeline.provenance import Machine, Provenance
-from pipeline.report import paired_gain, write_report
+from pipeline.report import paired_gain, summary, write_report
 from stages.cli import app
 from stages.report import run_logs
 from tests.helpers import REPO
@@ -96,7 +96,7 @@ def write_cells(root, precision="fp32", ratio=1e-3, mi_grad_fp32=False):
 
 
 def make_report(root, out):
-    write_report(
+    return write_report(
         EXPERIMENT,
         root / "pretrain",
         root / "linear_eval",
@@ -132,6 +132,13 @@ def test_table_numbers_match_hand_computation(report):
         untrained["mean"] == pytest.approx(32.0) and untrained["std"] == pytest.approx(2.0) and "gain" not in untrained
     )
     assert rows["probe_top1", "baseline"]["mean"] == pytest.approx(81.0) and baseline["protocol"] == "finetune"
+
+
+def test_summary_is_the_tables_numbers_for_dvc(tmp_path):
+    write_cells(tmp_path)
+    shown = summary(make_report(tmp_path, tmp_path / "reports"))["top1"]["cifar10"]["simclr"]
+    assert shown["mi_reg"] == pytest.approx({"mean": 93.3333333, "std": 1.2583057, "gain": 2.3333333})
+    assert set(shown) == {"untrained", "baseline", "mi_reg"} and "gain" not in shown["baseline"]
 
 
 def test_markdown_csv_and_plots_are_written(report):
