@@ -3,14 +3,15 @@
 A row is (metric, dataset, method, variant) with the mean, standard deviation and number of seeds of its values.
 Two reports agree on a row when their means differ by at most the allowed difference
 
-    allowed = max(floor, t(1 − α / (2R), ν) · √(s₁²/n₁ + s₂²/n₂))
+    allowed = max(floor, t(1 − α / (2R), ν) · s · √(1/n₁ + 1/n₂))
 
-the half-width of Welch's two-sided interval on the difference of the means, ν the Welch–Satterthwaite degrees of
-freedom, at the level α / R for R compared rows (Bonferroni): when both reports are draws of the same seeds'
-noise, a rerun fails on any row with probability at most α. Floating-point results differ across machines
-(kernels, vector width, threads) and training is chaotic, so a seed on another machine is another draw of that
-noise: the seeds' own spread is the yardstick. `floor` (points) stands in where the spread is zero or unknown
-(a row of one seed, or identical values).
+the half-width of the two-sample t interval on the difference of the means, at the level α / R for R compared
+rows (Bonferroni): when both reports are draws of the same seeds' noise, a rerun fails on some row with probability
+at most α. s is the seeds' standard deviation pooled over the rows of the row's group (its metric, dataset and
+method, every variant, both reports), ν = Σ(nᵢ − 1) its degrees of freedom: the variants share one source of
+noise (the seed's draw of initialization, data order and augmentations, and the machine's rounding, which
+training amplifies), and three seeds alone estimate a spread too poorly (ν = 4) for the interval to catch anything.
+`floor` (points) stands in where the group has no spread (one seed, or identical values).
 """
 
 import math
@@ -54,15 +55,20 @@ def rows(results: dict) -> dict[Key, Row]:
     }
 
 
-def allowed_difference(a: Row, b: Row, quantile: float, floor: float) -> float:
-    """Half-width of Welch's interval on a.mean − b.mean at `quantile` (e.g. 0.975 for 95%), at least `floor`."""
-    if a.std is None or b.std is None:
+def pooled_spread(rows: list[Row]) -> tuple[float, int]:
+    """Standard deviation pooled over `rows` (those with a spread), and its degrees of freedom."""
+    spread = [r for r in rows if r.std is not None and r.n > 1]
+    dof = sum(r.n - 1 for r in spread)
+    return (math.sqrt(sum((r.n - 1) * r.std**2 for r in spread if r.std is not None) / dof) if dof else 0.0), dof
+
+
+def allowed_difference(a: Row, b: Row, spread: tuple[float, int], quantile: float, floor: float) -> float:
+    """Half-width of the t interval on a.mean − b.mean at `quantile` (e.g. 0.975 for 95%) with the pooled
+    `spread` (std, degrees of freedom), at least `floor`."""
+    std, dof = spread
+    if dof == 0 or std == 0:
         return floor
-    va, vb = a.std**2 / a.n, b.std**2 / b.n
-    if va + vb == 0:
-        return floor
-    dof = (va + vb) ** 2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1))
-    return max(floor, float(student_t.ppf(quantile, dof)) * math.sqrt(va + vb))
+    return max(floor, float(student_t.ppf(quantile, dof)) * std * math.sqrt(1 / a.n + 1 / b.n))
 
 
 def compare(
@@ -76,8 +82,12 @@ def compare(
         if key not in other
     ]
     shared = [key for key in theirs if key in ours]
+    groups = {key[:3] for key in shared}
+    spreads = {g: pooled_spread([r[k] for r in (ours, theirs) for k in shared if k[:3] == g]) for g in groups}
     quantile = 1 - alpha / (2 * max(len(shared), 1))
     return missing, [
-        Agreement(key, ours[key], theirs[key], allowed_difference(ours[key], theirs[key], quantile, floor))
+        Agreement(
+            key, ours[key], theirs[key], allowed_difference(ours[key], theirs[key], spreads[key[:3]], quantile, floor)
+        )
         for key in shared
     ]

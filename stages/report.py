@@ -125,7 +125,8 @@ def compare(
     floor: Annotated[float, typer.Option(help="Smallest allowed difference of a mean, points.")] = 1.0,
 ) -> None:
     """Check that a report agrees with a reference report on every row (mean over seeds) within the seeds' noise:
-    Welch's interval on the difference of the means, at level alpha over all rows (pipeline/compare.py)."""
+    the t interval on the difference of the means, the spread pooled over the variants, at level alpha over all
+    rows (pipeline/compare.py)."""
     from pipeline.compare import compare as agreements
 
     if not 0 < alpha < 1:

@@ -240,18 +240,26 @@ def test_compare_fails_a_real_regression(tmp_path, broken, variant):
     assert "machines of" not in result.output  # the same machine: not listed
 
 
-def test_compare_allows_the_welch_interval_at_the_bonferroni_level(tmp_path):
-    """One row: 41 ± 2 against 40 ± 3, n = 3 each: s² = 4/3 + 9/3 = 4.333, ν = 4.333² / ((4/3)² / 2 + 3² / 2)
-    = 3.485, t(1 − 0.05 / 2, 3.485) = 2.946; the allowed difference is 2.946 · √4.333 = 6.13 points."""
+def test_compare_allows_the_t_interval_with_the_pooled_spread_at_the_bonferroni_level(tmp_path):
+    """One row: 41 ± 2 against 40 ± 3, n = 3 each. Pooled: s² = (2·2² + 2·3²) / 4 = 6.5, ν = 4; one row, so
+    t(1 − 0.05 / 2, 4) = 2.7764, and the allowed difference is 2.7764 · √6.5 · √(1/3 + 1/3) = 5.78 points."""
     ours, theirs = {("top1", "sae"): (41.0, 2.0, 3)}, {("top1", "sae"): (40.0, 3.0, 3)}
     result = compare(report_of(tmp_path / "a", ours), report_of(tmp_path / "b", theirs))
     assert (
-        "top1 synthetic simclr sae: 41.00 ± 2.00 (n=3) against 40.00 ± 3.00 (n=3): +1.00, allowed 6.13" in result.output
+        "top1 synthetic simclr sae: 41.00 ± 2.00 (n=3) against 40.00 ± 3.00 (n=3): +1.00, allowed 5.78" in result.output
     )
-    assert compare(report_of(tmp_path / "c", {("top1", "sae"): (46.0, 2.0, 3)}), tmp_path / "b").exit_code == 0
-    assert compare(report_of(tmp_path / "d", {("top1", "sae"): (46.3, 2.0, 3)}), tmp_path / "b").exit_code == 1
-    one_seed = compare(report_of(tmp_path / "e", {("top1", "sae"): (41.5, None, 1)}), tmp_path / "b", "--floor", "2")
-    assert one_seed.exit_code == 0 and "+1.50, allowed 2.00" in one_seed.output  # no spread: the floor
+    assert compare(report_of(tmp_path / "c", {("top1", "sae"): (45.7, 2.0, 3)}), tmp_path / "b").exit_code == 0
+    assert compare(report_of(tmp_path / "d", {("top1", "sae"): (45.8, 2.0, 3)}), tmp_path / "b").exit_code == 1
+    # Two rows of one group: ν = 8, and R = 2 rows: t(1 − 0.05 / 4, 8) = 2.7515; s² = (4·6.5 + 2·0 + 2·4) / 8
+    two = {("top1", "sae"): (41.0, 2.0, 3), ("top1", "baseline"): (50.0, 0.0, 3)}
+    result = compare(
+        report_of(tmp_path / "e", two), report_of(tmp_path / "f", theirs | {("top1", "baseline"): (50.0, 2.0, 3)})
+    )
+    assert f"allowed {2.7515 * (34 / 8) ** 0.5 * (2 / 3) ** 0.5:.2f}" in result.output
+    single = {("top1", "sae"): (40.0, None, 1)}  # no spread on either side: the floor
+    one_seed = compare(report_of(tmp_path / "g", {("top1", "sae"): (41.5, None, 1)}), report_of(tmp_path / "h", single))
+    assert one_seed.exit_code == 1 and "+1.50, allowed 1.00  DEPARTS" in one_seed.output
+    assert compare(tmp_path / "g", tmp_path / "h", "--floor", "2").exit_code == 0
 
 
 def test_compare_names_what_is_missing_or_unreadable(report, tmp_path):
