@@ -132,31 +132,44 @@ def test_bf16_step_on_cpu_is_within_its_rounding_of_float64(tmp_path, method):
         assert torch.isfinite(out.logged).all()
 
 
+def with_mi_weight(run, mi_weight):
+    return run.__class__(
+        **(run.__dict__ | {"variant": run.variant.__class__(**(run.variant.__dict__ | {"mi_weight": mi_weight}))})
+    )
+
+
+def regularizer_gradient(model, run):
+    """∂(λ·I(Z1;Z2))/∂θ of the backbone, alone, in fp32."""
+    out = forward(model, run, *batch())
+    return torch.cat([g.flatten() for g in torch.autograd.grad(out.regularizer, list(model.backbone.parameters()))])
+
+
 def test_regularizer_rounds_away_in_bf16_unless_it_has_its_own_backward(tmp_path):
-    """One step, against the fp32 gradient of the regularizer alone. Its own bf16 backward through the D ≈ 20 layers
-    has a first-order relative error ≲ D·u_bf16 ≈ 0.08 (u = 2⁻⁸): cosine ≳ 0.997 and a norm ratio within 8%, so the
-    bounds 0.9 and [0.5, 1.5] hold on any CPU with a wide margin. In one fp32 backward of the sum, the SSL gradient's
-    rounding (u = 6e-8, ~√D·u of its norm) is ~1e-3 of the regularizer's (a ratio ≳ 1e-5 here): cosine > 0.7 holds
-    by a factor > 100. Summed in one bf16 tensor, it rounds away: bit for bit on a deterministic CPU, < 5% anywhere."""
+    """One step, bounds that hold on any CPU. At λ = 1e-4 the regularizer's gradient at h is ~2e-6 of the SSL
+    gradient's, 1000 times below bf16's unit roundoff: summed into the bf16 gradient at h it rounds away (a
+    correctly rounded addition: bit for bit here). Given its own backward, it is the fp32 gradient up to the error
+    of a bf16 backward through the network, calibrated on the same step: the SSL gradient's own bf16-against-fp32
+    error (~1/3 here, for both). In one fp32 backward the sum keeps it, beside the SSL gradient's fp32 rounding
+    (measured ~15·u·‖∂L_ssl/∂θ‖, u = 6e-8: half the regularizer's gradient at λ = 1e-4, a twentieth at λ = 1e-3,
+    where cosine > 0.9 tolerates 8 times that noise)."""
     fp32 = tiny_run(tmp_path, precision="fp32")
     torch.manual_seed(0)
     model = build_model(fp32)
-    out = forward(model, fp32, *batch())
-    expected = torch.cat([g.flatten() for g in torch.autograd.grad(out.regularizer, list(model.backbone.parameters()))])
+    expected = regularizer_gradient(model, fp32)
 
     bf16 = tiny_run(tmp_path, precision="bf16")
     ssl, out = grads(bf16, model, "ssl")
     joint, _ = grads(bf16, model, "joint")
     separate, _ = grads(bf16, model, "separate")
     ratio = gradient_ratio(forward(model, bf16, *batch()), bf16)
-    assert 0 < ratio < UNIT_ROUNDOFF["bf16"]  # what the report flags
+    assert 0 < ratio < UNIT_ROUNDOFF["bf16"] / 100  # what the report flags
     assert (joint - ssl).norm() < 0.05 * expected.norm()  # the regularizer's gradient is lost in bf16
-    kept = separate - ssl  # kept with its own backward: the fp32 gradient up to bf16's error on it
-    assert torch.nn.functional.cosine_similarity(kept, expected, dim=0) > 0.9
-    assert 0.5 < kept.norm() / expected.norm() < 1.5
+    kept = separate - ssl  # kept with its own backward: the fp32 gradient up to a bf16 backward's error
+    bf16_error = (ssl - grads(fp32, model, "ssl")[0]).norm() / ssl.norm()
+    assert (kept - expected).norm() / expected.norm() < 1.5 * bf16_error < 1
+    fp32 = with_mi_weight(fp32, 1e-3)
     fp32_joint = grads(fp32, model, "joint")[0] - grads(fp32, model, "ssl")[0]
-    # fp32 keeps it in one backward, beside rounding noise of the SSL gradient's (much larger) size
-    assert torch.nn.functional.cosine_similarity(fp32_joint, expected, dim=0) > 0.7
+    assert torch.nn.functional.cosine_similarity(fp32_joint, regularizer_gradient(model, fp32), dim=0) > 0.9
 
 
 def test_compiled_step_matches_eager(tmp_path):
