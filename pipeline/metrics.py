@@ -7,6 +7,7 @@ from typing import TypeVar
 
 from pydantic import Field, ValidationError, model_validator
 
+from pipeline.atomic import atomic_file
 from pipeline.errors import UserError
 from pipeline.params import DatasetName, MethodName, Strict
 
@@ -25,8 +26,8 @@ class CellMetrics(Strict):
         return self.dataset, self.method, self.variant, self.seed
 
 
-class EpochLog(Strict):
-    """One row of a run's log.csv: per-epoch averages of the docs/method.md 3.3 quantities, and training facts."""
+class EpochValues(Strict):
+    """Per-epoch averages of the docs/method.md 3.3 quantities and the online accuracies: what compares runs."""
 
     epoch: int = Field(ge=1)
     ssl_loss: float
@@ -41,6 +42,11 @@ class EpochLog(Strict):
     upper_bound: float = Field(description="H(Z1) − I(Z1;Z2) (the paper drops I(Y;Z2)).")
     mi_grad_ratio: float = Field(ge=0, description="‖λ·∂I(Z1;Z2)/∂h‖ / ‖∂L_ssl/∂h‖ on the epoch's first batch.")
     online_test_acc: float = Field(ge=0, le=1)
+
+
+class EpochLog(EpochValues):
+    """One row of a run's log.csv: the epoch's values, and training facts (the learning rate, the speed)."""
+
     lr: float
     images_per_s: float
 
@@ -48,8 +54,9 @@ class EpochLog(Strict):
 COLUMNS = tuple(EpochLog.model_fields)  # log.csv's columns; plots and dvc.yaml's plot keys name some of them
 
 
-class PretrainMetrics(EpochLog, CellMetrics):
-    """`pretrain`: the last epoch's row, and what decides whether the regularizer could act."""
+class PretrainMetrics(EpochValues, CellMetrics):
+    """`pretrain`: the last epoch's values, and what decides whether the regularizer could act. A DVC metric:
+    no speed or machine here (those are in the stage's `pipeline.provenance` record)."""
 
     epochs: int
     precision: str
@@ -112,6 +119,12 @@ def read(path: Path, schema: type[S]) -> S:
         problems = [f"{'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}" for err in e.errors()]
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise UserError(f"{path}: not a valid {schema.__name__} file: {problems[0]}{more}") from None
+
+
+def write(path: Path, result: Strict) -> None:
+    """`result` as indented JSON at `path`, complete or not at all."""
+    with atomic_file(path) as staging:
+        staging.write_text(result.model_dump_json(indent=2) + "\n")
 
 
 def read_metadata(path: Path) -> DatasetMetrics:

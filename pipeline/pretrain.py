@@ -20,7 +20,7 @@ from pipeline.augment import augment
 from pipeline.checkpoint import load_checkpoint
 from pipeline.errors import UserError
 from pipeline.loaders import Batches, eval_loader, ssl_loader
-from pipeline.metrics import EpochLog, PretrainMetrics, write_log
+from pipeline.metrics import EpochLog, EpochValues, PretrainMetrics, write_log
 from pipeline.model import SSLModel, build_model, make_optimizer
 from pipeline.optim import LARS, warmup_cosine
 from pipeline.params import TrainingParams
@@ -95,7 +95,7 @@ def pretrain(
         mi_weight=run.variant.mi_weight,
         mi_grad_fp32=run.variant.mi_grad_fp32,
         mi_grad_ratio_max=max(row.mi_grad_ratio for row in history),
-        **history[-1].model_dump(),
+        **history[-1].model_dump(include=set(EpochValues.model_fields)),
     )
 
 

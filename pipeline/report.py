@@ -18,9 +18,10 @@ from ruamel.yaml import YAML
 from scipy.stats import t as student_t
 
 from pipeline.atomic import atomic_dir
-from pipeline.metrics import COLUMNS, LinearEvalMetrics, PretrainMetrics, collect, read_log
+from pipeline.metrics import COLUMNS, EpochLog, LinearEvalMetrics, PretrainMetrics, collect, read_log
 from pipeline.params import UNIT_ROUNDOFF, UNTRAINED, ExperimentParams
 from pipeline.plots import gains_chart, training_curves
+from pipeline.provenance import Machine, Provenance, machines
 
 Cell = tuple[str, str, str, int]  # dataset, method, variant, seed
 METRICS = {
@@ -207,6 +208,8 @@ def markdown(tables: dict, variants: list[str], claim: str) -> str:
             f"{r['ratio_max']:.2e} | {r['resolution']:.1e} | {r['verdict']} |"
             for r in tables["regularizer"]
         ]
+    lines += ["", "## Machines the cells ran on (pretraining and evaluations)", ""]
+    lines += [f"- {Machine(**m['machine']).text()}: {m['records']} stage runs" for m in tables["machines"]]
     return "\n".join(lines) + "\n"
 
 
@@ -224,11 +227,15 @@ def write_report(
     pretrain_metrics: Path,
     linear_metrics: Path,
     untrained_metrics: Path,
+    provenance: Path,
     run_log: Callable[[Cell], Path],
     reference: Path,
     out: Path,
-) -> None:
-    """`out/`: results.md, results.csv, results.json, curves-<dataset>-<method>.png, gains.png.
+) -> dict:
+    """`out/`: results.md, results.csv, results.json, curves.csv (every cell's log.csv, for DVC's plots),
+    curves-<dataset>-<method>.png, gains.png. Returns the tables (results.json's content).
+
+    `provenance/{pretrain,linear_eval,untrained}/` hold the stages' `Provenance` records (the machines).
 
     `run_log(cell)` is the path of a cell's log.csv (the caller knows the run layout)."""
     settings = list(itertools.product(experiment.datasets, experiment.methods))
@@ -247,7 +254,14 @@ def write_report(
     paper = YAML(typ="safe", pure=True).load(reference.read_text())
     tables = build_tables(values, paper["cells"], experiment.variants, protocols)
     tables["regularizer"] = regularizer_rows(pretrained)
-    histories = {(d, m, v): _mean_history([run_log((d, m, v, s)) for s in experiment.seeds]) for d, m, v, _ in cells}
+    records = [
+        record
+        for kind, kind_cells in (("pretrain", cells), ("linear_eval", cells), ("untrained", untrained))
+        for record in collect(provenance / kind, Provenance, kind_cells).values()
+    ]
+    tables["machines"] = machines(records)
+    logs: dict[Cell, list[EpochLog]] = {cell: read_log(run_log(cell)) for cell in cells}
+    histories = {(d, m, v): _mean_history([logs[d, m, v, s] for s in experiment.seeds]) for d, m, v, _ in cells}
     with atomic_dir(out) as staging:
         (staging / "results.json").write_text(json.dumps({"claim": paper["claim"]} | tables, indent=2) + "\n")
         with open(staging / "results.csv", "w", newline="") as f:
@@ -255,6 +269,7 @@ def write_report(
             writer.writeheader()
             writer.writerows(tables["rows"])
         (staging / "results.md").write_text(markdown(tables, experiment.variants, paper["claim"]))
+        _write_curves(logs, staging / "curves.csv")
         for dataset, method in settings:
             training_curves(
                 {v: histories[dataset, method, v] for v in experiment.variants},
@@ -262,6 +277,18 @@ def write_report(
                 staging / f"curves-{dataset}-{method}.png",
             )
         gains_chart(tables["rows"], staging / "gains.png")
+    return tables
+
+
+def summary(tables: dict) -> dict:
+    """The report as DVC shows metrics: `metric.dataset.method.variant` -> mean (and std, gain), numbers only."""
+    nested: dict = {}
+    for row in tables["rows"]:
+        values = {key: row[key] for key in ("mean", "std", "gain") if row.get(key) is not None}
+        nested.setdefault(row["metric"], {}).setdefault(row["dataset"], {}).setdefault(row["method"], {})[
+            row["variant"]
+        ] = values
+    return nested
 
 
 CSV_COLUMNS = [
@@ -282,33 +309,19 @@ CSV_COLUMNS = [
 ]
 
 
-def _mean_history(paths: list[Path]) -> list[dict]:
-    """Per-epoch rows of log.csv files, averaged over the files (seeds)."""
-    runs = [read_log(path) for path in paths]
+def _write_curves(logs: dict[Cell, list[EpochLog]], path: Path) -> None:
+    """Every cell's log in one long table (a row per cell and epoch): dvc.yaml's plots draw a line per cell."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["cell", *COLUMNS])
+        for (dataset, method, variant, seed), log in logs.items():
+            cell = f"{dataset}-{method}-{variant}-seed{seed}"
+            writer.writerows([cell, *(f"{getattr(row, c):.6g}" for c in COLUMNS)] for row in log)
+
+
+def _mean_history(runs: list[list[EpochLog]]) -> list[dict]:
+    """Per-epoch rows of runs' logs, averaged over the runs (seeds)."""
     return [
         {key: float(np.mean([getattr(run[i], key) for run in runs])) for key in COLUMNS}
         for i in range(min(len(run) for run in runs))
     ]
-
-
-def means(results: dict) -> dict[tuple, float]:
-    """The means of a results.json by (metric, dataset, method, variant)."""
-    return {(r["metric"], r["dataset"], r["method"], r["variant"]): float(r["mean"]) for r in results["rows"]}
-
-
-def compare(ours: dict[tuple, float], theirs: dict[tuple, float], tolerance: float) -> tuple[list[str], float]:
-    """How a report's `means` depart from a reference's: rows missing either way and means more than
-    `tolerance` points apart; and the largest difference of a mean."""
-    differences = {key: abs(ours[key] - mean) for key, mean in theirs.items() if key in ours}
-    problems = [
-        f"{' '.join(key)}: only in the {where}"
-        for keys, other, where in ((ours, theirs, "report"), (theirs, ours, "reference"))
-        for key in keys
-        if key not in other
-    ]
-    problems += [
-        f"{' '.join(key)}: {ours[key]:.2f} against {theirs[key]:.2f} (tolerance {tolerance:g})"
-        for key, difference in differences.items()
-        if difference > tolerance
-    ]
-    return problems, max(differences.values(), default=0.0)

@@ -5,8 +5,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.atomic import atomic_file
-from pipeline.metrics import read_metadata
+from pipeline.metrics import CellMetrics, read_metadata, write
 from pipeline.params import UNTRAINED, load_params
 from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile, Seed
 
@@ -29,11 +28,15 @@ def linear_eval_command(
         typer.Option(help="The pretraining checkpoint; leave out with --variant untrained: the run's initial weights."),
     ] = None,
     params_file: ParamsFile = PARAMS_FILE,
+    provenance: Annotated[
+        Path | None, typer.Option(help="JSON to write: the machine and software (dvc.yaml: always).")
+    ] = None,
 ) -> None:
     """Top-1/top-5 of the paper's protocol, frozen-probe and kNN top-1 of a pretrained (or the untrained) encoder."""
     from pipeline.errors import UserError
     from pipeline.linear_eval import linear_eval, load_backbone
     from pipeline.loaders import check_betons
+    from pipeline.provenance import Provenance, machine
     from pipeline.run import make_run
     from pipeline.runtime import init_device
 
@@ -43,6 +46,7 @@ def linear_eval_command(
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
     device = init_device()
+    machine(device)  # before evaluating: oneDNN names its ISA on its first use
     run = make_run(params, dataset, method, variant, seed, meta, device)
     result = linear_eval(
         run,
@@ -53,5 +57,7 @@ def linear_eval_command(
         device,
         params.training.loader_workers,
     )
-    with atomic_file(metrics) as staging:
-        staging.write_text(result.model_dump_json(indent=2) + "\n")
+    write(metrics, result)
+    if provenance:
+        cell = result.model_dump(include=set(CellMetrics.model_fields))
+        write(provenance, Provenance(**cell, machine=machine(device)))

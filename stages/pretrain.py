@@ -1,14 +1,12 @@
 """The `pretrain` stage: one cell of the matrix, resumable; under torchrun, data-parallel."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pipeline.atomic import atomic_file
 from pipeline.errors import UserError
 from pipeline.metrics import read_metadata
 from pipeline.params import load_params
@@ -31,11 +29,16 @@ def pretrain_command(
         Path, typer.Option(help="JSON file written at the end: the last epoch's losses, bounds and accuracy.")
     ],
     params_file: ParamsFile = PARAMS_FILE,
+    provenance: Annotated[
+        Path | None, typer.Option(help="JSON written at the end: the machine, software and speed (dvc.yaml: always).")
+    ] = None,
 ) -> None:
     """Pretrain a ResNet-18 with SimCLR or Barlow Twins (+ the variant's projector modifications)."""
     _torchrun_if_asked()
     from pipeline.loaders import check_betons
+    from pipeline.metrics import CellMetrics, read_log, write
     from pipeline.pretrain import pretrain
+    from pipeline.provenance import Provenance, code_version, machine
     from pipeline.run import make_run
     from pipeline.runtime import init_device, is_rank0
 
@@ -43,11 +46,15 @@ def pretrain_command(
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
     device = init_device()
+    machine(device)  # before training: oneDNN names its ISA on its first use
     run = make_run(params, dataset, method, variant, seed, meta, device)
-    result = pretrain(run, params.training, data, out, device, _code_version())
+    result = pretrain(run, params.training, data, out, device, code_version())
     if is_rank0():
-        with atomic_file(metrics) as staging:
-            staging.write_text(result.model_dump_json(indent=2) + "\n")
+        write(metrics, result)
+        if provenance:
+            cell = result.model_dump(include=set(CellMetrics.model_fields))
+            speed = read_log(out / "log.csv")[-1].images_per_s
+            write(provenance, Provenance(**cell, machine=machine(device), images_per_s=speed))
 
 
 def _torchrun_if_asked() -> None:
@@ -72,8 +79,3 @@ def _torchrun_if_asked() -> None:
                 *sys.argv[1:],
             ],
         )
-
-
-def _code_version() -> str:
-    result = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True)
-    return result.stdout.strip() if result.returncode == 0 else "unknown"

@@ -1,4 +1,11 @@
-"""Augmentations against torchvision's functional ops, image by image, and the CPU kernel against the torch ops."""
+"""Augmentations against torchvision's functional ops, image by image, and the CPU kernel against the torch ops.
+
+Tolerances: pixel values are in [0, 1] and every op is a short weighted sum, so two float32 implementations that
+order the same arithmetic differently differ by a few unit roundoffs (u = 6e-8) per term: a resized crop sums
+2 × 4 bicubic taps (weights' absolute sum ≤ 1.3, antialiasing adds taps only when downscaling): ≲ 16·u·1.3 ≈ 1.3e-6,
+under 2e-6; colour jitter chains 4 ops with clamps (1-Lipschitz) and an HSV round trip: ≲ 1e-5. The numba kernel
+against the torch ops runs the whole chain (crop, jitter, grayscale, 13-tap blur, solarize at 0.5, where it is
+continuous, then ÷ std ≥ 0.2): ≲ 50·u·5 ≈ 1.5e-5, and 2e-4 leaves a factor > 10 whatever the CPU."""
 
 import pytest
 import torch

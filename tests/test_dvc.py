@@ -35,7 +35,7 @@ def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
 
 @pytest.fixture
 def project(tmp_path):
-    for name in ("pipeline", "stages", "references"):
+    for name in ("pipeline", "stages", "references", "plots"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, tmp_path / name)
@@ -110,6 +110,7 @@ def test_whole_dag_then_audit(project):
     run(project, "dvc", "repro")
     assert "| synthetic | simclr | sae |" in (project / "reports" / "results.md").read_text()
     assert "audit: OK" in run(project, "python", "-m", "stages", "audit").stdout
+    assert_dvc_views_show_what_compares_runs(project)
 
     metrics = project / "metrics" / "linear_eval" / "synthetic-simclr-sae-seed1.json"
     original = metrics.read_text()
@@ -144,6 +145,23 @@ def test_whole_dag_then_audit(project):
     )
     assert {cell.split("@")[0] for cell in would_run(project)} == {"pretrain", "linear-eval", "untrained", "report"}
     assert len(would_run(project)) == 2 * 2 + 2 * 2 + 2 + 1
+
+
+def assert_dvc_views_show_what_compares_runs(project: Path) -> None:
+    """Issue 21.5: DVC's metrics are the numbers that compare runs (no machine, speed or checksum, which the
+    stages record in provenance/), and `dvc plots show` draws one plot per quantity with no load errors."""
+    shown = json.loads(run(project, "dvc", "metrics", "show", "--json").stdout)
+    keys = {key for files in shown.values() for values in files["data"].values() for key in values["data"]}
+    assert {"top1", "probe_top1", "knn_top1", "ssl_loss", "lower_bound", "mi_grad_ratio_max"} <= keys
+    assert not keys & {"images_per_s", "lr", "machine", "sources_sha256", "storage"}, keys
+    machine = json.loads((project / "provenance" / "pretrain" / "synthetic-simclr-sae-seed1.json").read_text())
+    assert machine["machine"]["cpu_capability"] and machine["images_per_s"] > 0
+    plots = run(project, "dvc", "plots", "show", "--json")
+    assert "failed to load" not in plots.stdout + plots.stderr
+    drawn = json.loads(plots.stdout)
+    assert not drawn.get("errors") and len(drawn["data"]) == 6, drawn.get("errors")
+    cells = {row["cell"] for row in drawn["data"]["SSL loss"][0]["content"]["data"]["values"]}
+    assert cells == {f"synthetic-simclr-{v}-seed{s}" for v in ("baseline", "sae") for s in (0, 1)}
 
 
 def would_run(project: Path) -> set[str]:

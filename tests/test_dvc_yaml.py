@@ -17,8 +17,10 @@ from stages.cli import app
 from tests.helpers import REPO
 
 DVC = YAML(typ="safe", pure=True).load((REPO / "dvc.yaml").read_text())
-# Modules that do not change what a stage computes: messages, progress display, staging of outputs, FFCV's import.
+# Modules that do not change what a stage computes: messages, progress display, staging of outputs, FFCV's import,
+# the record of the machine it ran on (the report, which lists the machines, depends on it by name).
 NOT_DEPENDENCIES = {
+    "pipeline/provenance.py",
     "pipeline/__init__.py",
     "pipeline/errors.py",
     "pipeline/progress.py",
@@ -88,5 +90,7 @@ def test_params_keys_exist(stage):
 
 
 def test_plot_keys_and_curves_are_log_columns():
-    assert set(DVC["plots"][0]["runs"]["y"]) <= set(COLUMNS)
+    plotted = [column for plot in DVC["plots"] for spec in plot.values() for column in spec["y"].values()]
+    assert len(plotted) == len(set(plotted)) and set(plotted) <= set(COLUMNS)  # one plot per quantity
+    assert all((REPO / spec["template"]).is_file() for plot in DVC["plots"] for spec in plot.values())
     assert {key for key, _ in CURVES} <= set(COLUMNS)

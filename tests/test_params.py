@@ -227,10 +227,6 @@ def test_unreadable_params_exit_2_with_one_line(tmp_path, make, message):
 def test_aliases_that_stay_small_are_accepted(tmp_path):
     text = (REPO / "params.yaml").read_text()
     path = tmp_path / "p.yaml"
-    path.write_text(
-        text.replace("seeds: [5, 6, 7]", "seeds: &seeds [5, 6, 7]").replace(
-            "augmentations:", "shared: *seeds\naugmentations:", 1
-        )
-    )
+    path.write_text(text.replace("augmentations:", "shared: &seeds [5, 6, 7]\nalso: *seeds\naugmentations:", 1))
     with pytest.raises(ParamsError, match=r"shared: unknown key"):  # parsed and validated: only the key is wrong
         load_params(path)
