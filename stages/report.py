@@ -47,7 +47,8 @@ def report(
         ),
     ],
     provenance: Annotated[
-        Path, typer.Option(help="Folder of the stages' provenance JSON files (machine, software): listed in the report.")
+        Path,
+        typer.Option(help="Folder of the stages' provenance JSON files (machine, software), listed in the report."),
     ],
     runs: Annotated[
         Path,
