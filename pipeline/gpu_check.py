@@ -8,7 +8,6 @@ pretraining does: no dataset and no FFCV are needed, except by `loader_rate`.
 import copy
 import dataclasses
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -17,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.augment import augment_torch, draw
+from pipeline.harness import Trainer, augment_views, images_per_second, random_batch, synchronize
 from pipeline.metrics import DatasetMetrics
-from pipeline.model import build_model, make_optimizer
+from pipeline.model import build_model
 from pipeline.optim import warmup_cosine
 from pipeline.params import UNIT_ROUNDOFF, Params
 from pipeline.run import Run, make_run
-from pipeline.step import LOGGED, Forward, backward, forward, gradient_ratio
+from pipeline.step import LOGGED, forward
 
 
 def check_run(params: Params, dataset: str, method: str, variant: str, width: int | None, precision: str) -> Run:
@@ -48,103 +47,11 @@ def check_run(params: Params, dataset: str, method: str, variant: str, width: in
     return dataclasses.replace(run, precision=precision, common=common)
 
 
-def random_batch(run: Run, batch_size: int, device: torch.device, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """uint8 images (N, 3, S, S) as the loader gives them (S: the crop size; the decoder crops ImageNet) and labels."""
-    generator = torch.Generator(device).manual_seed(seed)
-    images = torch.randint(
-        0, 256, (batch_size, 3, run.crop_size, run.crop_size), dtype=torch.uint8, device=device, generator=generator
-    )
-    return images, torch.randint(0, run.num_classes, (batch_size,), device=device, generator=generator)
-
-
-def augment_views(
-    run: Run,
-    images: Tensor,
-    generator: torch.Generator,
-    stats: tuple[Tensor, Tensor],
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> tuple[Tensor, Tensor]:
-    """The two augmented, normalized float32 views of uint8 `images`, as pretraining makes them on a GPU;
-    `stats`: run.stats(device), made once (a copy to the device per step would make the host wait)."""
-    n, hw = len(images), (images.shape[-2], images.shape[-1])
-    a, b = (
-        augment_torch(images, view, draw(n, hw, view, generator), *stats).contiguous(memory_format=memory_format)
-        for view in run.views()
-    )
-    return a, b
-
-
-class Trainer:
-    """A cell's model and LARS, and pretraining's step: both views augmented on the device, forward, backward, LARS."""
-
-    def __init__(
-        self, run: Run, device: torch.device, channels_last: bool = False, compiled: bool = False, seed: int = 0
-    ):
-        torch.manual_seed(seed)
-        self.run, self.device = run, device
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = build_model(run).to(device).to(memory_format=self.memory_format)
-        self.trained = cast(nn.Module, torch.compile(self.model)) if compiled else self.model
-        self.optimizer = make_optimizer(self.model, run)
-        self.set_lr(1.0)
-        self.parameters = list(self.model.parameters())
-        self.generator = torch.Generator(device).manual_seed(seed)
-        self.stats = run.stats(device)
-
-    def set_lr(self, fraction: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = fraction * group["base_lr"]
-
-    def augment(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return augment_views(self.run, images, self.generator, self.stats, self.memory_format)
-
-    def step(self, images: Tensor, y: Tensor, ratio: bool = False) -> tuple[Forward, Tensor | None]:
-        """One step from uint8 images; with `ratio`, also the regularizer's gradient ratio (an epoch's first step)."""
-        return self.step_on_views(*self.augment(images), y, ratio)
-
-    def step_on_views(self, x_a: Tensor, x_b: Tensor, y: Tensor, ratio: bool = False) -> tuple[Forward, Tensor | None]:
-        """One step from the two augmented, normalized views."""
-        out = forward(self.trained, self.run, x_a, x_b, y)
-        measured = gradient_ratio(out, self.run) if ratio else None
-        self.optimizer.zero_grad(set_to_none=True)
-        backward(out, self.run, self.parameters)
-        self.optimizer.step()
-        return out, measured
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def images_per_second(
-    step: Callable[[], object],
-    batch_size: int,
-    device: torch.device,
-    seconds: float,
-    warmup: int = 3,
-    ready: Callable[[], None] = lambda: None,
-) -> dict:
-    """Images/s of `step` over about `seconds`, after `warmup` steps and `ready()` (a barrier); the host never
-    waits for the device inside the timed loop, only once at its end."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    ready()
-    start, steps = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        step()
-        steps += 1
-    synchronize(device)
-    elapsed = time.perf_counter() - start
-    return {"images_per_s": steps * batch_size / elapsed, "steps": steps, "step_ms": 1000 * elapsed / steps}
-
-
 def step_rate(
     run: Run, batch_size: int, device: torch.device, seconds: float, channels_last: bool = False, compiled: bool = False
 ) -> dict:
     """Training images/s of the full step (augmentation included); compiled: also the first step's seconds."""
-    trainer = Trainer(run, device, channels_last, compiled)
+    trainer = Trainer(run, device, channels_last, _compiled if compiled else None)
     images, y = random_batch(run, batch_size, device)
     start = time.perf_counter()
     trainer.step(images, y)
@@ -152,6 +59,10 @@ def step_rate(
     first = time.perf_counter() - start
     result = images_per_second(lambda: trainer.step(images, y), batch_size, device, seconds, warmup=2)
     return result | {"first_step_s": first}
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    return cast(nn.Module, torch.compile(model))
 
 
 def augmentation_rate(run: Run, batch_size: int, device: torch.device, seconds: float) -> dict:
