@@ -52,6 +52,7 @@ def linear_eval_command(
         params.optimizer,
         device,
         params.training.loader_workers,
+        params.training.channels_last,
     )
     with atomic_file(metrics) as staging:
         staging.write_text(result.model_dump_json(indent=2) + "\n")
