@@ -115,12 +115,19 @@ def loss_precision_cost(run: Run, batch_size: int, device: torch.device, repeats
 
 
 def finetune_rate(
-    run: Run, setting: ProtocolParams, view: ViewParams, optimizer: OptimizerParams, device: torch.device, **sizes
+    run: Run,
+    setting: ProtocolParams,
+    view: ViewParams,
+    optimizer: OptimizerParams,
+    device: torch.device,
+    *,
+    batch_size: int,
+    seconds: float,
+    channels_last: bool,
 ) -> dict:
     """Images/s of the `finetune` protocol's training (pipeline.fit.train, as linear evaluation runs it: encoder
     and classifier on crops + flips made on the device, the run's precision, prepare_convolutions' layout and
-    cuDNN settings) over about `sizes["seconds"]`, batches of `sizes["batch_size"]`."""
-    batch_size, seconds, channels_last = sizes["batch_size"], sizes["seconds"], sizes["channels_last"]
+    cuDNN settings) over about `seconds`."""
     with cudnn_flags(benchmark=torch.backends.cudnn.benchmark):  # restores what prepare_convolutions sets
         memory_format = prepare_convolutions(channels_last, device)
         backbone = build_backbone(run)
