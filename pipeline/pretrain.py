@@ -26,7 +26,7 @@ from pipeline.optim import LARS, warmup_cosine
 from pipeline.params import TrainingParams
 from pipeline.progress import progress
 from pipeline.run import Run
-from pipeline.runtime import autocast, is_rank0, seconds_since_start, world_size
+from pipeline.runtime import autocast, is_rank0, prepare_convolutions, seconds_since_start, world_size
 from pipeline.step import LOGGED, backward, forward, gradient_ratio
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def pretrain(
     """
     torch.manual_seed(run.seed)
     model = build_model(run).to(device)
-    memory_format = torch.channels_last if training.channels_last and device.type == "cuda" else torch.contiguous_format
+    memory_format = prepare_convolutions(training.channels_last, device)
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(model, run)
     start_epoch, history = _resume(out / "checkpoint.pt", run, model, optimizer)

@@ -42,3 +42,14 @@ def world_size() -> int:
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def prepare_convolutions(channels_last: bool, device: torch.device) -> torch.memory_format:
+    """The memory format of the model and its images. On CUDA: channels_last when asked (tensor-core convolutions
+    run in NHWC), and cuDNN times its algorithms for each new shape and keeps the fastest (`cudnn.benchmark`:
+    shapes are fixed here; GPU runs are not bit-reproducible anyway, docs/gpu.md). A CPU stays contiguous:
+    oneDNN's channels_last backward is less accurate (README, GPU)."""
+    if device.type != "cuda":
+        return torch.contiguous_format
+    torch.backends.cudnn.benchmark = True
+    return torch.channels_last if channels_last else torch.contiguous_format

@@ -56,6 +56,7 @@ def linear_eval_command(
         params.optimizer,
         device,
         params.training.loader_workers,
+        params.training.channels_last,
     )
     write(metrics, result)
     if provenance:
