@@ -34,12 +34,13 @@ def linear_eval_command(
     from pipeline.errors import UserError
     from pipeline.linear_eval import linear_eval, load_backbone
     from pipeline.loaders import check_betons
-    from pipeline.run import make_run
+    from pipeline.run import cell_variant, make_run
     from pipeline.runtime import init_device
 
     if (checkpoint is None) != (variant == UNTRAINED):
         raise UserError(f"give --checkpoint for a pretrained variant, and leave it out with --variant {UNTRAINED}")
     params = load_params(params_file)
+    cell_variant(params, dataset, method, variant)  # a wrong name first, then the files
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
     device = init_device()

@@ -34,10 +34,11 @@ def pretrain_command(
     _torchrun_if_asked()
     from pipeline.loaders import check_betons
     from pipeline.pretrain import pretrain
-    from pipeline.run import make_run
+    from pipeline.run import cell_variant, make_run
     from pipeline.runtime import init_device, is_rank0
 
     params = load_params(params_file)
+    cell_variant(params, dataset, method, variant)  # a wrong name first, then the files
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
     device = init_device()

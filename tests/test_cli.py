@@ -3,7 +3,7 @@ from typer.testing import CliRunner
 
 from pipeline.errors import ParamsError
 from stages.cli import app
-from tests.helpers import convert_args, write_params
+from tests.helpers import REPO, convert_args, write_params
 
 runner = CliRunner()
 
@@ -107,3 +107,36 @@ def test_bench_refuses_a_count_below_one_before_doing_anything(tmp_path, option)
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{option}': Input should be greater than or equal to 1" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["pretrain", "linear-eval"])
+@pytest.mark.parametrize(
+    "cell, message",
+    [
+        ({"dataset": "cifar11"}, "unknown dataset 'cifar11'; choose from cifar10, cifar100, imagenet100"),
+        ({"method": "simclrr"}, "unknown method 'simclrr'; choose from simclr, barlow_twins"),
+        ({"variant": "mi_regg"}, "unknown variant 'mi_regg'; pretrain.synthetic.simclr.variants defines baseline"),
+    ],
+)
+def test_an_unknown_selector_is_named_before_any_file(tmp_path, command, cell, message):
+    """Issue 20: `pretrain --dataset cifar11` with a wrong --metadata complained about the metadata first."""
+    selectors = {"dataset": "synthetic", "method": "simclr", "variant": "baseline", "seed": "0"} | cell
+    files = ["--data", str(tmp_path / "absent"), "--metadata", str(tmp_path / "absent.json")]
+    outputs = {
+        "pretrain": ["--out", str(tmp_path / "run"), "--metrics", str(tmp_path / "m.json")],
+        "linear-eval": ["--checkpoint", str(tmp_path / "absent.pt"), "--metrics", str(tmp_path / "m.json")],
+    }[command]
+    args = [f"--{key}={value}" for key, value in selectors.items()]
+    result = runner.invoke(app, [command, *args, *files, *outputs, "--params", str(REPO / "params.yaml")])
+    assert result.exit_code == 1 and result.output.startswith(f"error: {message}"), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_check_params_warns_of_datasets_that_cannot_be_prepared():
+    """Issue 20: the committed params passed although `experiment` includes imagenet100 with `root: null`."""
+    result = runner.invoke(app, ["check-params", "--params", str(REPO / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert (
+        "warning: imagenet100 cannot be prepared as configured: datasets.imagenet100.root is not set" in result.output
+    )
+    assert "cifar10" not in result.output.split("warning:")[1]  # downloaded: nothing to warn about

@@ -73,6 +73,15 @@ def subsample(images: list[Path], cap: int | None) -> list[Path]:
     return sorted(sorted(images, key=lambda p: hashlib.sha256(p.name.encode()).digest())[:cap])
 
 
+def tree_problem(name: str, params: Params) -> str | None:
+    """What would stop `prepare` before it lists the tree of dataset `name` (its root), or None."""
+    try:
+        _tree_root(getattr(params.datasets, name).root, f"datasets.{name}")
+    except UserError as e:
+        return str(e)
+    return None
+
+
 def _tree_root(root: str | None, key: str) -> Path:
     if root is None:
         raise UserError(f"{key}.root is not set: point it at a folder holding train/ and val/ (or test/) class folders")
