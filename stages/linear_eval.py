@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.atomic import atomic_file
+from pipeline.atomic import atomic_file, check_output
 from pipeline.metrics import read_metadata
 from pipeline.params import UNTRAINED, load_params
 from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile, Seed
@@ -41,6 +41,7 @@ def linear_eval_command(
         raise UserError(f"give --checkpoint for a pretrained variant, and leave it out with --variant {UNTRAINED}")
     params = load_params(params_file)
     cell_variant(params, dataset, method, variant)  # a wrong name first, then the files
+    check_output(metrics)
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
     device = init_device()

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.atomic import atomic_file
+from pipeline.atomic import atomic_file, check_output
 from pipeline.errors import UserError
 from pipeline.metrics import read_metadata
 from pipeline.params import load_params
@@ -39,6 +39,8 @@ def pretrain_command(
 
     params = load_params(params_file)
     cell_variant(params, dataset, method, variant)  # a wrong name first, then the files
+    check_output(out, folder=True)
+    check_output(metrics)
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
     device = init_device()

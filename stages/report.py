@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from pipeline.atomic import check_output
 from pipeline.errors import UserError
 from pipeline.metrics import DatasetMetrics, LinearEvalMetrics, PretrainMetrics, read
 from pipeline.params import Strict, load_params
@@ -47,8 +48,10 @@ def report(
     values), whether the MI regularizer can act, plots, results.{md,csv,json}."""
     from pipeline.report import write_report
 
+    experiment = load_params(params_file).experiment
+    check_output(out, folder=True)
     write_report(
-        load_params(params_file).experiment,
+        experiment,
         pretrain_metrics,
         linear_metrics,
         untrained_metrics,

@@ -1,9 +1,12 @@
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
 from pipeline.errors import ParamsError
 from stages.cli import app
-from tests.helpers import REPO, convert_args, write_params
+from tests.helpers import REPO, convert_args, tiny_sections, write_params
+from tests.test_report import EXPERIMENT, write_cells
 
 runner = CliRunner()
 
@@ -140,3 +143,89 @@ def test_check_params_warns_of_datasets_that_cannot_be_prepared():
         "warning: imagenet100 cannot be prepared as configured: datasets.imagenet100.root is not set" in result.output
     )
     assert "cifar10" not in result.output.split("warning:")[1]  # downloaded: nothing to warn about
+
+
+def stage_args(tiny_dataset: Path, root: Path) -> dict[str, dict[str, str]]:
+    """Valid path options of every stage that reads or writes files: inputs from the tiny dataset and the
+    report's metrics (tests/test_report.py's cells, written under `root`), outputs under `root`."""
+    write_cells(root)
+    data = {"--data": str(tiny_dataset / "ffcv"), "--metadata": str(tiny_dataset / "meta.json")}
+    return {
+        "prepare": {"--out": str(root / "raw"), "--downloads": str(root / "downloads")},
+        "convert": {
+            "--raw": str(tiny_dataset / "raw"),
+            "--out": str(root / "ffcv"),
+            "--metadata": str(root / "m.json"),
+        },
+        "pretrain": data | {"--out": str(root / "run"), "--metrics": str(root / "p.json")},
+        # a checkpoint that is never read: every other bad option must be refused before it
+        "linear-eval": data | {"--checkpoint": str(root / "never-read.pt"), "--metrics": str(root / "l.json")},
+        "report": {
+            "--pretrain-metrics": str(root / "pretrain"),
+            "--linear-metrics": str(root / "linear_eval"),
+            "--untrained-metrics": str(root / "untrained"),
+            "--runs": str(root / "runs"),
+            "--reference": str(REPO / "references" / "paper.yaml"),
+            "--out": str(root / "reports"),
+        },
+    }
+
+
+SELECTORS = {
+    "prepare": ["--dataset", "cifar10"],  # the one dataset that uses --downloads (refused before any download)
+    "convert": ["--dataset", "synthetic"],
+    "pretrain": ["--dataset", "synthetic", "--method", "simclr", "--variant", "baseline", "--seed", "0"],
+    "linear-eval": ["--dataset", "synthetic", "--method", "simclr", "--variant", "baseline", "--seed", "0"],
+    "report": [],
+}
+BAD_PATHS = {  # each kind of bad path, and the path its message must name, under the test's folder
+    "absent": ("absent", "absent"),
+    "under a file": ("file/x", "file"),
+    "a folder": (".", "."),
+}
+
+
+@pytest.mark.parametrize(
+    "command, option, bad",
+    [
+        ("prepare", "--out", "under a file"),
+        ("prepare", "--downloads", "under a file"),
+        ("convert", "--raw", "absent"),
+        ("convert", "--out", "under a file"),
+        ("convert", "--metadata", "under a file"),
+        ("convert", "--metadata", "a folder"),
+        ("pretrain", "--data", "absent"),
+        ("pretrain", "--metadata", "absent"),
+        ("pretrain", "--metadata", "a folder"),
+        ("pretrain", "--out", "under a file"),
+        ("pretrain", "--metrics", "under a file"),
+        ("pretrain", "--metrics", "a folder"),
+        ("linear-eval", "--data", "absent"),
+        ("linear-eval", "--metadata", "absent"),
+        ("linear-eval", "--checkpoint", "absent"),
+        ("linear-eval", "--checkpoint", "a folder"),
+        ("linear-eval", "--metrics", "under a file"),
+        ("report", "--pretrain-metrics", "absent"),
+        ("report", "--linear-metrics", "absent"),
+        ("report", "--untrained-metrics", "absent"),
+        ("report", "--runs", "absent"),
+        ("report", "--reference", "absent"),
+        ("report", "--reference", "a folder"),
+        ("report", "--out", "under a file"),
+    ],
+)
+def test_a_bad_path_option_is_one_line_naming_it(tiny_dataset, tmp_path, command, option, bad):
+    """Issue 20: `report --reference` naming a missing file was a traceback; so were other path options that
+    reached open() unchecked. Each bad path now stops the stage at once with one line naming it, and nothing
+    is written."""
+    (tmp_path / "file").write_text("a file, not a folder")
+    args = stage_args(tiny_dataset, tmp_path)
+    path, named = (tmp_path / part for part in BAD_PATHS[bad])
+    options = args[command] | {option: str(path)}
+    params = write_params(tmp_path / "p.yaml", **tiny_sections(), experiment=EXPERIMENT.model_dump())
+    before = sorted(tmp_path.rglob("*"))
+    result = runner.invoke(app, [command, *SELECTORS[command], *sum(options.items(), ()), "--params", str(params)])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, (result.exception, result.output)
+    assert result.output.startswith("error: ") and len(result.output.splitlines()) == 1, result.output
+    assert f"{named.resolve()}" in result.output or f"{named}" in result.output, result.output
+    assert sorted(tmp_path.rglob("*")) == before and not (tmp_path.parent / f".{tmp_path.name}.partial").exists()
