@@ -253,6 +253,5 @@ def _stored_shape(shape: list[int] | None, max_resolution: int | None) -> list[i
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of (n, H, W, 3) uint8 images scaled to [0, 1], in bounded memory."""
     moments = ChannelMoments()
-    for chunk in np.array_split(images, max(1, len(images) // 4096)):
-        moments.add(chunk)
+    moments.add(images)
     return moments.result()

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import atomic_dir
-from pipeline.datasets.image_files import is_16_bit, open_image, read_rgb, to_rgb8
-from pipeline.datasets.splits import ChannelMoments, ImageSummary, Labeled
+from pipeline.datasets.image_files import is_16_bit, open_image, read_rgb
+from pipeline.datasets.splits import ChannelMoments, ImageSummary, Labeled, Split
 from pipeline.errors import UserError
 from pipeline.params import Params
 from pipeline.progress import progress
@@ -135,28 +135,11 @@ class FileSplit:
 
 
 def survey_tree(data: Labeled, key: str, one_size: bool) -> ImageSummary:
-    """Open every image of both splits before anything is written: refuse unreadable ones, and say
-    which are 16-bit. With `one_size` (the loader decodes images as stored, so a batch needs one size)
-    refuse images whose size differs from the others', and decode the train split for its mean and std."""
-    sizes: dict[tuple[int, int], list[Path]] = defaultdict(list)
-    unreadable, deep, moments = [], [], ChannelMoments()
-    with progress("check images", len(data.train) + len(data.test), "images") as advance:
-        for split in (data.train, data.test):
-            assert isinstance(split, FileSplit), type(split)
-            for i in range(len(split)):
-                path = split.path(i)
-                try:
-                    with open_image(path) as image:
-                        sizes[image.size].append(path)
-                        if is_16_bit(image):
-                            deep.append(path)
-                        if one_size and split is data.train and image.size == next(iter(sizes)):
-                            moments.add(to_rgb8(image, path))
-                except UserError as e:
-                    unreadable.append(str(e))
-                advance(1)
-    if unreadable:
-        raise UserError(_listed(unreadable, "unreadable images"))
+    """Open every image of both splits before anything is written: refuse unreadable ones, and say which
+    are 16-bit. With `one_size` (the loader decodes images as stored, so a batch needs one size), refuse
+    images whose size differs from the others', by name and from their headers, before decoding any; then
+    decode the train split, one image at a time, for its mean and std."""
+    sizes, deep = _read_headers(data)
     if deep:
         log.warning(
             "%d 16-bit image(s), e.g. %s: stored with 8 bits per channel (the high byte of each value)",
@@ -167,7 +150,44 @@ def survey_tree(data: Labeled, key: str, one_size: bool) -> ImageSummary:
         return ImageSummary(None, None, None)
     _refuse_mixed_sizes(sizes, key)
     ((width, height),) = sizes
-    return ImageSummary([height, width, 3], *moments.result())
+    return ImageSummary([height, width, 3], *_train_moments(data.train))
+
+
+def _read_headers(data: Labeled) -> tuple[dict[tuple[int, int], list[Path]], list[Path]]:
+    """The images of both splits by size (width, height), and the 16-bit ones; unreadable ones refused."""
+    sizes: dict[tuple[int, int], list[Path]] = defaultdict(list)
+    unreadable, deep = [], []
+    with progress("check images", len(data.train) + len(data.test), "images") as advance:
+        for split in (data.train, data.test):
+            assert isinstance(split, FileSplit), type(split)
+            for i in range(len(split)):
+                try:
+                    with open_image(split.path(i)) as image:
+                        sizes[image.size].append(split.path(i))
+                        if is_16_bit(image):
+                            deep.append(split.path(i))
+                except UserError as e:
+                    unreadable.append(str(e))
+                advance(1)
+    if unreadable:
+        raise UserError(_listed(unreadable, "unreadable images"))
+    return sizes, deep
+
+
+def _train_moments(train: Split) -> tuple[list[float], list[float]]:
+    """Mean and std of the train split's pixels, decoded one image at a time; corrupt pixel data refused."""
+    assert isinstance(train, FileSplit), type(train)
+    moments, unreadable = ChannelMoments(), []
+    with progress("measure images", len(train), "images") as advance:
+        for i in range(len(train)):
+            try:
+                moments.add(read_rgb(train.path(i)))
+            except UserError as e:
+                unreadable.append(str(e))
+            advance(1)
+    if unreadable:
+        raise UserError(_listed(unreadable, "unreadable images"))
+    return moments.result()
 
 
 def _refuse_mixed_sizes(sizes: dict[tuple[int, int], list[Path]], key: str) -> None:
