@@ -175,7 +175,7 @@ def test_test_split_folder_is_val_or_test(tmp_path, folders, message):
         return
     assert result.exit_code == 0, result.output
     test_files = json.loads((tmp_path / "raw" / "manifest.json").read_text())["files"]["test"]
-    assert test_files == [[f"{folders[0]}/a/0.JPEG", 0], [f"{folders[0]}/b/0.JPEG", 1]]
+    assert [entry[:2] for entry in test_files] == [[f"{folders[0]}/a/0.JPEG", 0], [f"{folders[0]}/b/0.JPEG", 1]]
 
 
 def test_per_class_caps_keep_a_fixed_choice(tmp_path):
@@ -183,7 +183,7 @@ def test_per_class_caps_keep_a_fixed_choice(tmp_path):
     assert folder_cli(tmp_path, "prepare", train_per_class=3, test_per_class=1).exit_code == 0
     files = json.loads((tmp_path / "raw" / "manifest.json").read_text())["files"]
     by_hash = sorted((f"{i}.JPEG" for i in range(9)), key=lambda name: hashlib.sha256(name.encode()).digest())
-    assert [path for path, label in files["train"] if label == 0] == [f"train/a/{n}" for n in sorted(by_hash[:3])]
+    assert [path for path, label, _ in files["train"] if label == 0] == [f"train/a/{n}" for n in sorted(by_hash[:3])]
     assert len(files["train"]) == 6 and len(files["test"]) == 2
     assert folder_cli(tmp_path, "prepare", train_per_class=None, test_per_class=None).exit_code == 0
     assert len(json.loads((tmp_path / "raw" / "manifest.json").read_text())["files"]["train"]) == 18

@@ -1,21 +1,26 @@
 """Datasets that are folders of image files on the user's disk: ImageNet-100 and any ImageFolder tree.
 
 The tree is `root/train/<class>/<image>` and, for the test split, `root/val/<class>/<image>` or
-`root/test/<class>/<image>` (exactly one of the two). Preparing one writes a manifest (root, classes,
-files per split); images are read at conversion. DVC tracks the manifest, so adding or removing files
-re-runs conversion; editing an image in place does not (then run `dvc repro --force prepare@<name>`).
+`root/test/<class>/<image>` (exactly one of the two). Preparing one writes a manifest (root, classes, and
+per split the files with their label and SHA-256) and `images/`, a symbolic link to every image listed,
+at its path under the root; images are read at conversion. DVC hashes the prepared folder through these
+links (and keeps the hashes in its state, by file size and modification time), so an image added, removed
+or edited in place makes the dataset's stages stale. The prepared folder is not cached by DVC
+(`cache: false`): caching would replace the links by copies of the images.
 """
 
 import hashlib
 import json
 import logging
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.atomic import atomic_dir
+from pipeline.datasets.download import file_digest
 from pipeline.datasets.image_files import is_16_bit, open_image, read_rgb
 from pipeline.datasets.splits import ChannelMoments, ImageSummary, Labeled, Split
 from pipeline.errors import UserError
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 MANIFEST = "manifest.json"
+LINKS = "images"  # the prepared folder's links to the images, by their path under the root
 TEST_FOLDERS = ("val", "test")  # the test split's folder: either name
 LISTED = 10  # problems listed in a message beyond the first
 
@@ -120,9 +126,10 @@ class FileSplit:
     """Images read from disk on demand, as (H, W, 3) uint8 RGB."""
 
     def __init__(self, root: Path, entries: list[list]):
+        """`entries`: the manifest's [path under `root`, label, SHA-256] of each image."""
         self.root = root
-        self.paths = [path for path, _ in entries]
-        self.labels = np.array([label for _, label in entries], dtype=np.int64)
+        self.paths = [entry[0] for entry in entries]
+        self.labels = np.array([entry[1] for entry in entries], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -215,8 +222,27 @@ def prepare_tree(name: str, params: Params, out: Path) -> None:
     classes = imagenet100_classes() if name == "imagenet100" else None
     per_class = {"train": getattr(tree, "train_per_class", None), "test": getattr(tree, "test_per_class", None)}
     manifest = scan_tree(tree.root, classes, f"datasets.{name}", per_class)
+    root, entries = Path(manifest["root"]), [entry for split in manifest["files"].values() for entry in split]
+    digests = image_digests(root, [path for path, _ in entries])
+    for entry in entries:
+        entry.append(digests[entry[0]])
     with atomic_dir(out) as staging:
         (staging / MANIFEST).write_text(json.dumps(manifest))
+        for folder in {Path(path).parent for path, *_ in entries}:
+            (staging / LINKS / folder).mkdir(parents=True, exist_ok=True)
+        for path, *_ in entries:
+            (staging / LINKS / path).symlink_to(root / path)
+
+
+def image_digests(root: Path, paths: list[str]) -> dict[str, str]:
+    """The SHA-256 of each file at `root / path`, read by a few threads at once (hashlib releases the GIL,
+    and reads from a slow disk overlap)."""
+    with ThreadPoolExecutor(max_workers=8) as pool, progress("digest images", len(paths), "images") as advance:
+        digests = {}
+        for path, digest in zip(paths, pool.map(lambda p: file_digest(root / p, "sha256"), paths)):
+            digests[path] = digest
+            advance(1)
+    return digests
 
 
 def load_tree(raw: Path) -> Labeled:
