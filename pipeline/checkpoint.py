@@ -49,7 +49,8 @@ class _Writes:
     """A file's `write` and `flush` that remember the OSError a write raised."""
 
     def __init__(self, file: IO[bytes]):
-        self.file, self.error = file, cast(OSError | None, None)
+        self.file = file
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> int:
         try:
