@@ -137,6 +137,8 @@ def read_metadata(path: Path) -> DatasetMetrics:
 
 def collect(directory: Path, schema: type[C], cells: list[tuple]) -> dict[tuple, C]:
     """The metrics of exactly `cells`, from the JSON files in `directory` (others are ignored)."""
+    if not directory.is_dir():
+        raise UserError(f"{directory}: no such folder (the metrics of {len(cells)} cell(s) are read from it)")
     found = {m.cell: m for m in (read(p, schema) for p in sorted(directory.glob("*.json")))}
     if missing := [c for c in cells if c not in found]:
         raise UserError(f"{directory}: no metrics for {len(missing)} cell(s), e.g. {'-'.join(map(str, missing[0]))}")

@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline.atomic import atomic_file
 from pipeline.augment import augment
-from pipeline.checkpoint import load_checkpoint
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.errors import UserError
 from pipeline.loaders import Batches, eval_loader, ssl_loader
 from pipeline.metrics import EpochLog, EpochValues, PretrainMetrics, write_log
@@ -213,7 +213,7 @@ def _resume(path: Path, run: Run, model: SSLModel, optimizer: LARS) -> tuple[int
 def _save(out: Path, model: SSLModel, optimizer: LARS, run: Run, history: list[EpochLog], code_version: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "checkpoint.pt") as staging:
-        torch.save(
+        save_checkpoint(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),

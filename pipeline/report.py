@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 from scipy.stats import t as student_t
 
 from pipeline.atomic import atomic_dir
+from pipeline.errors import UserError
 from pipeline.metrics import COLUMNS, EpochLog, LinearEvalMetrics, PretrainMetrics, collect, read_log
 from pipeline.params import UNIT_ROUNDOFF, UNTRAINED, ExperimentParams
 from pipeline.plots import gains_chart, training_curves
@@ -238,6 +240,7 @@ def write_report(
     `provenance/{pretrain,linear_eval,untrained}/` hold the stages' `Provenance` records (the machines).
 
     `run_log(cell)` is the path of a cell's log.csv (the caller knows the run layout)."""
+    paper = read_paper_values(reference)
     settings = list(itertools.product(experiment.datasets, experiment.methods))
     cells = [(d, m, v, s) for (d, m), v, s in itertools.product(settings, experiment.variants, experiment.seeds)]
     untrained = [(d, m, UNTRAINED, s) for (d, m), s in itertools.product(settings, experiment.seeds)]
@@ -251,7 +254,6 @@ def write_report(
     }
     values["online_test_acc"] = {c: 100 * m.online_test_acc for c, m in pretrained.items()}
     protocols: dict[tuple[str, str], str] = {(d, m): evaluated[d, m, v, s].protocol for d, m, v, s in cells}
-    paper = YAML(typ="safe", pure=True).load(reference.read_text())
     tables = build_tables(values, paper["cells"], experiment.variants, protocols)
     tables["regularizer"] = regularizer_rows(pretrained)
     records = [
@@ -289,6 +291,20 @@ def summary(tables: dict) -> dict:
             row["variant"]
         ] = values
     return nested
+
+
+def read_paper_values(path: Path) -> dict:
+    """The paper's values for the report (references/paper.yaml: a `claim` and its `cells`); a UserError
+    naming the file if it is missing or not such a file."""
+    try:
+        paper = YAML(typ="safe", pure=True).load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; the paper's values are references/paper.yaml") from None
+    except (OSError, UnicodeDecodeError, YAMLError) as e:
+        raise UserError(f"{path}: not readable as the paper's values ({' '.join(str(e).split())})") from None
+    if not (isinstance(paper, dict) and isinstance(paper.get("claim"), str) and isinstance(paper.get("cells"), dict)):
+        raise UserError(f"{path}: not the paper's values (a `claim` and `cells`, as references/paper.yaml holds)")
+    return paper
 
 
 CSV_COLUMNS = [

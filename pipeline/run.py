@@ -93,24 +93,32 @@ class Run:
         return self.seed * 100_003 + epoch
 
 
-def make_run(
-    params: Params, dataset: str, method: str, variant: str, seed: int, meta: DatasetMetrics, device: torch.device
-) -> Run:
-    """The run of one cell; `meta` is the dataset's conversion metadata (classes, pixel statistics).
+def cell_variant(params: Params, dataset: str, method: str, variant: str) -> Variant:
+    """The variant of a cell, resolved from params; an unknown dataset, method or variant is refused by name.
+    Stages call this before reading any file, so that a wrong name is the error they report first.
 
     `variant` may be UNTRAINED: the encoder alone, as pretraining starts it (for evaluation)."""
+    get_dataset(dataset)
     if method not in MethodsParams.model_fields:
         raise UserError(f"unknown method {method!r}; choose from {', '.join(MethodsParams.model_fields)}")
-    spec = get_dataset(dataset)
     cell = getattr(getattr(params.pretrain, dataset), method)
     if variant == UNTRAINED:
-        resolved = Variant(UNTRAINED, 0.0, False, 0, None)
-    elif variant in cell.variants:
-        resolved = Variant.from_params(variant, cell.variants[variant])
-    else:
+        return Variant(UNTRAINED, 0.0, False, 0, None)
+    if variant not in cell.variants:
         raise UserError(
             f"unknown variant {variant!r}; pretrain.{dataset}.{method}.variants defines {', '.join(cell.variants)}"
         )
+    return Variant.from_params(variant, cell.variants[variant])
+
+
+def make_run(
+    params: Params, dataset: str, method: str, variant: str, seed: int, meta: DatasetMetrics, device: torch.device
+) -> Run:
+    """The run of one cell (see `cell_variant`); `meta` is the dataset's conversion metadata (classes, pixel
+    statistics)."""
+    resolved = cell_variant(params, dataset, method, variant)
+    spec = get_dataset(dataset)
+    cell = getattr(getattr(params.pretrain, dataset), method)
     if meta.num_classes != len(meta.classes) or meta.num_classes < 2:
         raise UserError(f"the {dataset} metadata has {meta.num_classes} classes for {len(meta.classes)} names")
     mean, std = spec.stats or (tuple(meta.mean or ()), tuple(meta.std or ()))

@@ -58,9 +58,14 @@ def main(
 
 
 def check_params(params_file: ParamsFile = PARAMS_FILE) -> None:
-    """Validate the whole params file; exit 2 naming every problem."""
+    """Validate the whole params file; exit 2 naming every problem. Warn of datasets in `experiment` that
+    cannot be prepared as configured (an image tree whose root is not set)."""
+    from pipeline.datasets import unpreparable
+
     params = load_params(params_file)
     typer.echo(f"{params_file}: OK ({', '.join(params.experiment.datasets)})")
+    for problem in unpreparable(params):
+        typer.echo(f"warning: {problem}", err=True)
 
 
 def add_command(function: Callable, name: str | None = None) -> None:

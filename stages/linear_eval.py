@@ -5,6 +5,7 @@ from typing import Annotated
 
 import typer
 
+from pipeline.atomic import check_output
 from pipeline.metrics import CellMetrics, read_metadata, write
 from pipeline.params import UNTRAINED, load_params
 from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFile, Seed
@@ -37,12 +38,16 @@ def linear_eval_command(
     from pipeline.linear_eval import linear_eval, load_backbone
     from pipeline.loaders import check_betons
     from pipeline.provenance import Provenance, machine
-    from pipeline.run import make_run
+    from pipeline.run import cell_variant, make_run
     from pipeline.runtime import init_device
 
     if (checkpoint is None) != (variant == UNTRAINED):
         raise UserError(f"give --checkpoint for a pretrained variant, and leave it out with --variant {UNTRAINED}")
     params = load_params(params_file)
+    cell_variant(params, dataset, method, variant)  # a wrong name first, then the files
+    check_output(metrics)
+    if provenance:
+        check_output(provenance)
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
     device = init_device()

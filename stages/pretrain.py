@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from pipeline.atomic import check_output
 from pipeline.errors import UserError
 from pipeline.metrics import read_metadata
 from pipeline.params import load_params
@@ -39,10 +40,15 @@ def pretrain_command(
     from pipeline.metrics import CellMetrics, read_log, write
     from pipeline.pretrain import pretrain
     from pipeline.provenance import Provenance, code_version, machine
-    from pipeline.run import make_run
+    from pipeline.run import cell_variant, make_run
     from pipeline.runtime import init_device, is_rank0
 
     params = load_params(params_file)
+    cell_variant(params, dataset, method, variant)  # a wrong name first, then the files
+    check_output(out, folder=True)
+    check_output(metrics)
+    if provenance:
+        check_output(provenance)
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
     device = init_device()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from pipeline.atomic import check_output
 from pipeline.errors import UserError
 from pipeline.metrics import DatasetMetrics, LinearEvalMetrics, PretrainMetrics, read
 from pipeline.params import Strict, load_params
@@ -69,8 +70,11 @@ def report(
     from pipeline.report import summary as summarize
     from pipeline.report import write_report
 
+    experiment = load_params(params_file).experiment
+    check_output(out, folder=True)
+    check_output(summary)
     tables = write_report(
-        load_params(params_file).experiment,
+        experiment,
         pretrain_metrics,
         linear_metrics,
         untrained_metrics,

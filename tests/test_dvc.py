@@ -1,5 +1,6 @@
 """A real `dvc repro` of the data stages on the synthetic dataset, in a throwaway git repository."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from tests.helpers import REPO, tiny_sections, write_params
+from tests.helpers import REPO, make_tree, tiny_sections, write_params
 
 pytestmark = pytest.mark.slow
 SMALL = tiny_sections() | {
@@ -169,3 +171,37 @@ def would_run(project: Path) -> set[str]:
     that their outputs will change, so it is told: --force-downstream)."""
     dry = run(project, "dvc", "repro", "--dry", "--allow-missing", "--force-downstream").stdout
     return {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+
+
+def test_an_image_edited_in_place_makes_a_folder_dataset_stale(project, tmp_path_factory):
+    """Issue 20: a `folder` tree's images were not part of its provenance: replacing an image under the same
+    name reran nothing (DVC tracked the manifest, a list of names). The manifest now records each image's
+    SHA-256, and `prepare` links every image into its output, which DVC hashes through the links."""
+    tree = tmp_path_factory.mktemp("tree")
+    make_tree(tree, ["a", "b"], per_split=(("train", 4), ("val", 2)), size=(8, 8), fmt="PNG")
+    write_params(
+        project / "params.yaml",
+        project / "params.yaml",
+        experiment={"datasets": ["folder"]},
+        datasets={"folder": {"root": str(tree)}},
+    )
+    run(project, "dvc", "repro", "convert@folder")
+    manifest = project / "data" / "raw" / "folder" / "manifest.json"
+    digests = {
+        path: digest for split in json.loads(manifest.read_text())["files"].values() for path, _, digest in split
+    }
+    image = tree / "train" / "a" / "0.png"
+    assert digests["train/a/0.png"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert "up to date" in run(project, "dvc", "status", "--with-deps", "convert@folder").stdout
+
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(image)  # the same name and size, other pixels
+    status = json.loads(run(project, "dvc", "status", "--json", "convert@folder", "--with-deps").stdout)
+    assert status == {
+        "prepare@folder": [{"changed outs": {"data/raw/folder": "modified"}}],
+        "convert@folder": [{"changed deps": {"data/raw/folder": "modified"}}],
+    }
+    metadata = project / "metrics" / "datasets" / "folder.json"
+    before = json.loads(metadata.read_text())["sources_sha256"]
+    run(project, "dvc", "repro", "convert@folder")
+    assert json.loads(metadata.read_text())["sources_sha256"] != before  # the manifest holds the new digest
+    assert "up to date" in run(project, "dvc", "status", "--with-deps", "convert@folder").stdout
