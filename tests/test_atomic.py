@@ -122,16 +122,16 @@ def test_linear_eval_that_cannot_write_its_metrics_keeps_the_previous_ones(tiny_
 def test_report_that_cannot_write_keeps_the_previous_report(tmp_path):
     write_cells(tmp_path)
     reports, reference = tmp_path / "reports", REPO / "references" / "paper.yaml"
-    folders = [tmp_path / name for name in ("pretrain", "linear_eval", "untrained")]
+    folders = [tmp_path / name for name in ("pretrain", "linear_eval", "untrained", "provenance")]
     write_report(EXPERIMENT, *folders, run_logs(tmp_path / "runs"), reference, reports)  # the previous report
     before = snapshot(tmp_path)
     params = write_params(tmp_path / "p.yaml", experiment=EXPERIMENT.model_dump())
-    options = ["--pretrain-metrics", "--linear-metrics", "--untrained-metrics"]
+    options = ["--pretrain-metrics", "--linear-metrics", "--untrained-metrics", "--provenance"]
     paths = [arg for option, folder in zip(options, folders) for arg in (option, str(folder))]
     process, output = run_limited(
         512,
         *("report", *paths, "--runs", str(tmp_path / "runs"), "--reference", str(reference)),
-        *("--out", str(reports), "--params", str(params)),
+        *("--out", str(reports), "--summary", str(tmp_path / "report.json"), "--params", str(params)),
     )
     assert_refused(process, output, f"writing {reports} {TOO_LARGE} ({reports} is as it was)")
     assert snapshot(tmp_path) == before | {params: params.read_bytes()}

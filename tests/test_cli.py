@@ -181,9 +181,11 @@ def stage_args(tiny_dataset: Path, root: Path) -> dict[str, dict[str, str]]:
             "--pretrain-metrics": str(root / "pretrain"),
             "--linear-metrics": str(root / "linear_eval"),
             "--untrained-metrics": str(root / "untrained"),
+            "--provenance": str(root / "provenance"),
             "--runs": str(root / "runs"),
             "--reference": str(REPO / "references" / "paper.yaml"),
             "--out": str(root / "reports"),
+            "--summary": str(root / "report.json"),
         },
     }
 
@@ -225,10 +227,14 @@ BAD_PATHS = {  # each kind of bad path, and the path its message must name, unde
         ("report", "--pretrain-metrics", "absent"),
         ("report", "--linear-metrics", "absent"),
         ("report", "--untrained-metrics", "absent"),
+        ("report", "--provenance", "absent"),
         ("report", "--runs", "absent"),
         ("report", "--reference", "absent"),
         ("report", "--reference", "a folder"),
         ("report", "--out", "under a file"),
+        ("report", "--summary", "under a file"),
+        ("pretrain", "--provenance", "under a file"),
+        ("linear-eval", "--provenance", "under a file"),
     ],
 )
 def test_a_bad_path_option_is_one_line_naming_it(tiny_dataset, tmp_path, command, option, bad):
