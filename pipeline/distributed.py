@@ -6,7 +6,7 @@ group) each function here is the single-process computation itself, so one proce
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -25,8 +25,17 @@ def gather_views(a: Tensor, b: Tensor) -> Tensor:
     on the gathered batch by every rank)."""
     if world_size() == 1:
         return torch.cat([a, b])
-    gathered = torch.stack(dist_nn.all_gather(torch.stack([a, b])))  # (W, 2, N, F)
+    gathered = all_gather(torch.stack([a, b])).unflatten(0, (world_size(), 2))  # (W, 2, N, F)
     return gathered.transpose(0, 1).flatten(0, 2)
+
+
+def all_gather(t: Tensor) -> Tensor:
+    """Every rank's `t` concatenated along dimension 0, in rank order; autograd-aware (the gradient of each rank's
+    block is the sum over ranks of theirs). torch's replacement for the deprecated torch.distributed.nn.functional
+    all_gather (same gradient), which warns."""
+    group = dist.group.WORLD
+    assert group is not None, "no process group"
+    return funcol.all_gather_single(t, 0, group)
 
 
 def sum_over_ranks(t: Tensor) -> Tensor:
