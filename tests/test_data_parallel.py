@@ -54,6 +54,8 @@ def one_step(run, trained: torch.nn.Module, model: torch.nn.Module, x_a, x_b, y)
 
 def _steps_on_rank(folder) -> dict:
     rank = torch.distributed.get_rank()
+    folder = folder / f"rank{rank}"  # its own params file (tiny_run writes one)
+    folder.mkdir()
     x_a, x_b, y = (t[8 * rank : 8 * (rank + 1)] for t in global_batch())
     results = {}
     for method, variant in CELLS:
