@@ -55,9 +55,9 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     if not dist.is_initialized():
         return model
     _synchronize_batch_norm(model)
-    # Running statistics come from the same gathered moments on every rank, so they agree: nothing to broadcast.
+    # Running statistics come from the same gathered moments on every rank, so they agree: no broadcast per forward.
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
 
 
 def _synchronize_batch_norm(module: nn.Module) -> None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.augment import augment_torch, draw
+from pipeline.distributed import SyncBatchNorm, all_gather, data_parallel
 from pipeline.metrics import DatasetMetrics
 from pipeline.model import build_model, make_optimizer
 from pipeline.optim import warmup_cosine
@@ -262,45 +263,37 @@ def sync_free_step(run: Run, batch_size: int, device: torch.device, channels_las
 
 
 def distributed_smoke(run: Run, batch_size: int, device: torch.device, port: int) -> dict:
-    """A world-size-1 NCCL group: autograd all_gather (SimCLR's keys); the SyncBatchNorm function itself (which
-    nn.SyncBatchNorm skips at world size 1) against plain batch norm, and whether it makes the host wait; one
-    step of `run` under DDP with SyncBatchNorm (as pretraining wraps it) against the same step without."""
+    """A world-size-1 NCCL group: the autograd-aware all_gather (SimCLR's keys, the MI's batch); the pipeline's
+    SyncBatchNorm (which synchronizes at world size 1 too) against plain batch norm, and whether its forward and
+    backward make the host wait; one step of `run` through `data_parallel` (as pretraining wraps it) against the
+    same step without."""
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_nn
-    from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFunction
 
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=device)
     try:
         x = torch.randn(8, 4, device=device, requires_grad=True)
-        gathered = torch.cat(dist_nn.all_gather(x))
+        gathered = all_gather(x)
         (gathered * 2).sum().backward()
-        result = {
+        result: dict[str, object] = {
             "all_gather_ok": torch.equal(gathered, x)
             and x.grad is not None
             and torch.equal(x.grad, torch.full_like(x, 2))
         }
 
         h = torch.randn(16, 8, 4, 4, device=device, requires_grad=True)
-        weight = torch.rand(8, device=device, requires_grad=True)
-        bias = torch.rand(8, device=device, requires_grad=True)
+        sync_bn = SyncBatchNorm.from_batch_norm(nn.BatchNorm2d(8).to(device))
+        with torch.no_grad():
+            sync_bn.weight.uniform_(0.5, 1.5), sync_bn.bias.uniform_(-1, 1)
+        weight, bias = sync_bn.weight, sync_bn.bias
 
-        def sync_batch_norm() -> Tensor:
-            return SyncBatchNormFunction.apply(
-                h,
-                weight,
-                bias,
-                torch.zeros(8, device=device),
-                torch.ones(8, device=device),
-                1e-5,
-                0.1,
-                dist.group.WORLD,
-                1,
-            )
+        def sync_batch_norm() -> tuple[Tensor, ...]:
+            out = sync_bn(h)
+            return (out, *torch.autograd.grad(out.square().sum(), (h, weight, bias)))
 
-        synced, plain = sync_batch_norm(), F.batch_norm(h, None, None, weight, bias, training=True, eps=1e-5)
-        grads = [torch.autograd.grad(out.square().sum(), (h, weight, bias)) for out in (synced, plain)]
+        plain = F.batch_norm(h, None, None, weight, bias, training=True, eps=1e-5)
+        expected = (plain, *torch.autograd.grad(plain.square().sum(), (h, weight, bias)))
         result["sync_batch_norm_max_abs_diff"] = max(
-            [(synced - plain).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(*grads)]
+            (a - b).abs().max().item() for a, b in zip(sync_batch_norm(), expected)
         )
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -316,12 +309,10 @@ def distributed_smoke(run: Run, batch_size: int, device: torch.device, port: int
 
 
 def _ddp_step_difference(run: Run, batch_size: int, device: torch.device) -> float:
-    """Largest relative difference of the parameters after one step with and without DDP + SyncBatchNorm."""
+    """Largest relative difference of the parameters after one step with and without `data_parallel`."""
     images, y = random_batch(run, batch_size, device)
     plain, wrapped = Trainer(run, device), Trainer(run, device)
-    wrapped.trained = torch.nn.parallel.DistributedDataParallel(
-        torch.nn.SyncBatchNorm.convert_sync_batchnorm(wrapped.model), device_ids=[device.index]
-    )
+    wrapped.trained = data_parallel(wrapped.model, device)
     for trainer in (plain, wrapped):
         trainer.step(images, y)
     return max(
