@@ -12,11 +12,10 @@ from collections.abc import Callable
 from typing import Concatenate, ParamSpec
 
 import torch
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.distributed import rank, sum_over_ranks
+from pipeline.distributed import all_gather, rank, sum_over_ranks
 from pipeline.runtime import world_size
 
 P = ParamSpec("P")
@@ -46,7 +45,7 @@ def nt_xent(z_a: Tensor, z_b: Tensor, temperature: float, distributed: bool = Tr
     queries = F.normalize(torch.cat([z_a, z_b]), dim=1)  # (2n, D)
     keys, offset = queries, 0
     if distributed and world_size() > 1:  # keys of all ranks, each rank's block laid out as [its z_a; its z_b]
-        keys = torch.cat(dist_nn.all_gather(queries))  # (2N, D)
+        keys = all_gather(queries)  # (2N, D)
         offset = rank() * 2 * n
     logits = queries @ keys.T / temperature  # (2n, 2N)
     anchors = torch.arange(2 * n, device=z_a.device)
