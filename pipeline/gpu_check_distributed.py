@@ -5,8 +5,9 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from pipeline.distributed import SyncBatchNorm, all_gather, data_parallel
 from pipeline.harness import Trainer, random_batch, synchronize
 from pipeline.run import Run
 from pipeline.runtime import world_size
@@ -14,13 +15,10 @@ from pipeline.runtime import world_size
 
 def host_syncs(run: Run, batch_size: int, device: torch.device, channels_last: bool) -> dict:
     """Operations that make the host wait for the GPU in one training step (with the gradient ratio, as an epoch's
-    first step) of the model as pretraining builds it: pipeline.pretrain's own DDP wrapping, in the process group
-    this process joined (none at world size 1). Counted by torch.cuda.set_sync_debug_mode("warn") after two
-    warm-up steps (first calls copy constants to the device; DDP rebuilds its buckets after its first step).
-    Needs FFCV, which pipeline.pretrain imports."""
-    from pipeline.pretrain import _distributed
-
-    trainer = Trainer(run, device, channels_last, wrap=lambda model: _distributed(model, device))  # type: ignore[arg-type]
+    first step) of the model as pretraining builds it (`pipeline.distributed.data_parallel`), in the process group this
+    process joined (none at world size 1). Counted by torch.cuda.set_sync_debug_mode("warn") after two warm-up steps
+    (first calls copy constants to the device; DDP rebuilds its buckets after its first step)."""
+    trainer = Trainer(run, device, channels_last, wrap=lambda model: data_parallel(model, device))
     images, y = random_batch(run, batch_size, device)
     for _ in range(2):
         trainer.step(images, y, ratio=True)
@@ -44,45 +42,37 @@ def host_syncs(run: Run, batch_size: int, device: torch.device, channels_last: b
 
 
 def distributed_smoke(run: Run, batch_size: int, device: torch.device, port: int) -> dict:
-    """A world-size-1 NCCL group: autograd all_gather (SimCLR's keys); the SyncBatchNorm function itself (which
-    nn.SyncBatchNorm skips at world size 1) against plain batch norm, and whether it makes the host wait; one
-    step of `run` under DDP with SyncBatchNorm (as pretraining wraps it) against the same step without."""
+    """A world-size-1 NCCL group: the autograd-aware all_gather (SimCLR's keys, the MI's batch); the pipeline's
+    SyncBatchNorm (which synchronizes at world size 1 too) against plain batch norm, and whether its forward and
+    backward make the host wait; one step of `run` through `data_parallel` (as pretraining wraps it) against the
+    same step without."""
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_nn
-    from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFunction
 
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=device)
     try:
         x = torch.randn(8, 4, device=device, requires_grad=True)
-        gathered = torch.cat(dist_nn.all_gather(x))
+        gathered = all_gather(x)
         (gathered * 2).sum().backward()
-        result = {
+        result: dict[str, object] = {
             "all_gather_ok": torch.equal(gathered, x)
             and x.grad is not None
             and torch.equal(x.grad, torch.full_like(x, 2))
         }
 
         h = torch.randn(16, 8, 4, 4, device=device, requires_grad=True)
-        weight = torch.rand(8, device=device, requires_grad=True)
-        bias = torch.rand(8, device=device, requires_grad=True)
+        sync_bn = SyncBatchNorm.from_batch_norm(nn.BatchNorm2d(8).to(device))
+        with torch.no_grad():
+            sync_bn.weight.uniform_(0.5, 1.5), sync_bn.bias.uniform_(-1, 1)
+        weight, bias = sync_bn.weight, sync_bn.bias
 
-        def sync_batch_norm() -> Tensor:
-            return SyncBatchNormFunction.apply(
-                h,
-                weight,
-                bias,
-                torch.zeros(8, device=device),
-                torch.ones(8, device=device),
-                1e-5,
-                0.1,
-                dist.group.WORLD,
-                1,
-            )
+        def sync_batch_norm() -> tuple[Tensor, ...]:
+            out = sync_bn(h)
+            return (out, *torch.autograd.grad(out.square().sum(), (h, weight, bias)))
 
-        synced, plain = sync_batch_norm(), F.batch_norm(h, None, None, weight, bias, training=True, eps=1e-5)
-        grads = [torch.autograd.grad(out.square().sum(), (h, weight, bias)) for out in (synced, plain)]
+        plain = F.batch_norm(h, None, None, weight, bias, training=True, eps=1e-5)
+        expected = (plain, *torch.autograd.grad(plain.square().sum(), (h, weight, bias)))
         result["sync_batch_norm_max_abs_diff"] = max(
-            [(synced - plain).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(*grads)]
+            (a - b).abs().max().item() for a, b in zip(sync_batch_norm(), expected)
         )
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -98,12 +88,10 @@ def distributed_smoke(run: Run, batch_size: int, device: torch.device, port: int
 
 
 def _ddp_step_difference(run: Run, batch_size: int, device: torch.device) -> float:
-    """Largest relative difference of the parameters after one step with and without DDP + SyncBatchNorm."""
+    """Largest relative difference of the parameters after one step with and without `data_parallel`."""
     images, y = random_batch(run, batch_size, device)
     plain, wrapped = Trainer(run, device), Trainer(run, device)
-    wrapped.trained = torch.nn.parallel.DistributedDataParallel(
-        torch.nn.SyncBatchNorm.convert_sync_batchnorm(wrapped.model), device_ids=[device.index]
-    )
+    wrapped.trained = data_parallel(wrapped.model, device)
     for trainer in (plain, wrapped):
         trainer.step(images, y)
     return max(

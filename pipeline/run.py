@@ -22,7 +22,6 @@ from pipeline.params import (
     SimclrCommon,
     VariantParams,
 )
-from pipeline.runtime import world_size
 
 
 @dataclass(frozen=True)
@@ -61,12 +60,12 @@ class Run:
     std: tuple[float, float, float]
 
     def config(self) -> dict:
-        """What a checkpoint must match to be resumed."""
+        """What a checkpoint must match to be resumed (its number of processes: pipeline.pretrain checks that)."""
         return {
             name: (value.model_dump() if hasattr(value, "model_dump") else value)
             for name, value in self.__dict__.items()
             if name != "variant"
-        } | {"variant": self.variant.__dict__, "world_size": world_size()}
+        } | {"variant": self.variant.__dict__}
 
     @property
     def decoder_crop(self) -> int | None:
@@ -89,8 +88,14 @@ class Run:
         return a, b
 
     def epoch_seed(self, epoch: int) -> int:
-        """Seed of the per-sample augmentation draws and the data order of `epoch`."""
+        """Seed of the per-sample augmentation draws and the data order of `epoch` (one process)."""
         return self.seed * 100_003 + epoch
+
+    def augmentation_seed(self, epoch: int, rank: int) -> int:
+        """Seed of process `rank`'s per-sample augmentation draws in `epoch`: `epoch_seed` for rank 0 (one process
+        draws as it always did), and another stream for each other rank. The offset is an odd multiple of the rank,
+        so it differs between ranks in its low 32 bits too, the only ones a CPU generator uses."""
+        return self.epoch_seed(epoch) + rank * 0x9E3779B9
 
 
 def cell_variant(params: Params, dataset: str, method: str, variant: str) -> Variant:

@@ -330,7 +330,7 @@ def test_pretrain_reexecutes_itself_under_torchrun_when_asked(tiny_dataset, tmp_
     env = {**os.environ, NPROC_VARIABLE: "2", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["world_size"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["world_size"] == 2
 
 
 def test_gpus_come_from_the_option_else_cuda_visible_devices(monkeypatch):

@@ -1,4 +1,5 @@
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -77,3 +78,15 @@ def test_barlow_twins_of_identical_decorrelated_views_is_near_zero():
     z = torch.linalg.qr(torch.randn(256, 8))[0] * 16  # orthogonal, zero-mean-ish columns
     z = z - z.mean(0)
     assert barlow_twins(z, z).item() < 1e-2
+
+
+@pytest.mark.parametrize("loss", [partial(nt_xent, temperature=0.2), barlow_twins], ids=["nt_xent", "barlow_twins"])
+def test_losses_of_bf16_views_under_autocast_are_their_float32_losses(loss):
+    """Regression (issue 18, item 5): under bf16 autocast the losses ran bf16 matmuls (Barlow Twins' c, resolved to
+    ~0.002 near its diagonal of 1; SimCLR's logits). Now the float32 loss of the same values, bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    z_a, z_b = (torch.randn(32, 16, generator=generator).bfloat16() for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = loss(z_a, z_b)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, loss(z_a.float(), z_b.float()))

@@ -9,10 +9,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.augment import ViewSpec, augment_torch, draw
 from pipeline.metrics import DatasetMetrics
-from pipeline.model import build_model, make_optimizer
+from pipeline.model import LOSSES, build_model, make_optimizer, mi_z1_r_estimate
 from pipeline.params import UNIT_ROUNDOFF, load_params
 from pipeline.run import make_run
-from pipeline.step import backward, forward, gradient_ratio
+from pipeline.step import LOGGED, backward, forward, gradient_ratio
 from tests.helpers import tiny_params
 
 META = DatasetMetrics(
@@ -142,6 +142,23 @@ def regularizer_gradient(model, run):
     """∂(λ·I(Z1;Z2))/∂θ of the backbone, alone, in fp32."""
     out = forward(model, run, *batch())
     return torch.cat([g.flatten() for g in torch.autograd.grad(out.regularizer, list(model.backbone.parameters()))])
+
+
+@pytest.mark.parametrize("method", ["simclr", "barlow_twins"])
+def test_ssl_loss_of_a_bf16_step_is_the_float32_loss_of_its_projections(tmp_path, method):
+    """Regression (issue 18, item 5): the SSL loss ran in bf16 inside autocast. Now: the model in bf16, the loss
+    (and the I(Z1;R) estimate) in float32 from the same bf16 projections (features), bit for bit."""
+    run = tiny_run(tmp_path, precision="bf16", method=method)
+    torch.manual_seed(0)
+    model = build_model(run)
+    projections = []
+    model.projector.register_forward_hook(lambda module, args, z: projections.append(z))
+    out = forward(model, run, *batch())
+    assert [z.dtype for z in projections] == [torch.bfloat16] * 2 and out.h[0].dtype == torch.bfloat16
+    loss = LOSSES[method](run.common)
+    assert torch.equal(out.ssl, loss(*(z.float() for z in projections)))
+    estimate = mi_z1_r_estimate(run, loss, *(h.float() for h in out.h))
+    assert torch.equal(out.logged[LOGGED.index("mi_z1_r_estimate")], estimate)
 
 
 def test_regularizer_rounds_away_in_bf16_unless_it_has_its_own_backward(tmp_path):
