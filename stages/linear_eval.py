@@ -35,23 +35,23 @@ def linear_eval_command(
     from pipeline.linear_eval import linear_eval, load_backbone
     from pipeline.loaders import check_betons
     from pipeline.run import make_run
-    from pipeline.runtime import init_device
+    from pipeline.runtime import on_device
 
     if (checkpoint is None) != (variant == UNTRAINED):
         raise UserError(f"give --checkpoint for a pretrained variant, and leave it out with --variant {UNTRAINED}")
     params = load_params(params_file)
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
-    device = init_device()
-    run = make_run(params, dataset, method, variant, seed, meta, device)
-    result = linear_eval(
-        run,
-        load_backbone(run, checkpoint),
-        data,
-        params.linear_eval,
-        params.optimizer,
-        device,
-        params.training.loader_workers,
-    )
+    with on_device(params.training.torch_threads) as device:
+        run = make_run(params, dataset, method, variant, seed, meta, device)
+        result = linear_eval(
+            run,
+            load_backbone(run, checkpoint),
+            data,
+            params.linear_eval,
+            params.optimizer,
+            device,
+            params.training.loader_workers,
+        )
     with atomic_file(metrics) as staging:
         staging.write_text(result.model_dump_json(indent=2) + "\n")
