@@ -12,7 +12,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,8 +123,8 @@ def run_cells(cells: list[Cell], slots: list[Slot], gpus_per_cell: int, logs: Pa
                     running.remove(run)
                     free.append(run.placed)
                 refresh()
-        except KeyboardInterrupt:
-            _interrupt([run for run in running if run.returncode is None])
+        except KeyboardInterrupt:  # also when it came between a cell's start and its place in `running`
+            _interrupt([run for run in runs if run.process is not None and run.returncode is None])
             refresh()
             raise
     return runs
@@ -136,18 +136,16 @@ def _interrupt(running: list[CellRun]) -> None:
     still running after STOP_S, or at a second Ctrl-C, is killed (DVC then finds its lock stale next time)."""
     for run in running:
         run.interrupted = True
-        os.killpg(run.running.pid, signal.SIGINT)
+        _signal(run, signal.SIGINT)
     deadline = time.monotonic() + STOP_S
     try:
         for run in running:
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 run.running.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(run.running.pid, signal.SIGKILL)
     finally:
         for run in running:
             if run.running.poll() is None:
-                os.killpg(run.running.pid, signal.SIGKILL)
+                _signal(run, signal.SIGKILL)
             run.running.wait()
             _finish(run)
     if running:
@@ -155,6 +153,11 @@ def _interrupt(running: list[CellRun]) -> None:
             f"interrupted: {' '.join(run.cell.key for run in running)} (a checkpoint stays: launch again to resume)",
             err=True,
         )
+
+
+def _signal(run: CellRun, signal_number: int) -> None:
+    with suppress(ProcessLookupError):  # every process of the cell has ended
+        os.killpg(run.running.pid, signal_number)
 
 
 def _start(run: CellRun, slot: Slot, gpus_per_cell: int) -> CellRun:
