@@ -12,6 +12,7 @@ from types import UnionType
 from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.json_schema import JsonDict
 from pydantic_core import ErrorDetails
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
@@ -212,14 +213,48 @@ class OptimizerParams(Strict):
     warmup_start_lr: Annotated[float, Field(ge=0)] = Field(description="Where warmup-cosine schedules start.")
 
 
-class TrainingParams(Strict):
-    """How training runs: these change speed, and on GPU rounding, not the method."""
+CHANGES_NUMBERS: JsonDict = {"changes_numbers": True}  # can change results: a DVC param of the stages reading it
+SAME_NUMBERS: JsonDict = {"changes_numbers": False}  # speed only: every number is the same whatever its value
 
-    precision: Precision = Field(description="Autocast dtype on CUDA (CPU runs fp32).")
-    channels_last: bool = Field(description="NHWC activations (faster convolutions).")
-    compile: bool = Field(description="torch.compile the model.")
-    loader_workers: int = Field(ge=-1, description="FFCV decoding threads (-1: all cores).")
-    eval_batch_size: int = Field(ge=1)
+
+class TrainingParams(Strict):
+    """How training runs, not the method. Each field's schema says whether it can change numbers (rounding):
+    those that can are DVC params of the stages that read them (tests/test_dvc_yaml.py checks it)."""
+
+    precision: Precision = Field(
+        description="Autocast dtype on CUDA (CPU runs fp32). Changes numbers on CUDA.",
+        json_schema_extra=CHANGES_NUMBERS,
+    )
+    channels_last: bool = Field(
+        description="NHWC activations on CUDA (faster convolutions, other kernels). Changes numbers on CUDA.",
+        json_schema_extra=CHANGES_NUMBERS,
+    )
+    compile: bool = Field(
+        description="torch.compile the model (fused kernels round differently). Changes numbers.",
+        json_schema_extra=CHANGES_NUMBERS,
+    )
+    torch_threads: int = Field(
+        ge=1,
+        description=(
+            "torch's intra-op CPU threads: CPU training, and the CPU side of evaluations (kNN) everywhere. Changes "
+            "numbers (oneDNN and ATen split reductions by thread), so it is set here, not from the CPUs a process gets."
+        ),
+        json_schema_extra=CHANGES_NUMBERS,
+    )
+    loader_workers: int = Field(
+        ge=-1,
+        description=(
+            "FFCV decoding threads (-1: this process's share of the CPUs it may use, divided among torchrun's "
+            "processes). Speed only: sample order and augmentation draws depend on the seed and the sample (but "
+            "imagenet100's crops, made by FFCV's decoder, are not seeded at all)."
+        ),
+        json_schema_extra=SAME_NUMBERS,
+    )
+    eval_batch_size: int = Field(
+        ge=1,
+        description="Batch of the online classifier's test pass. Changes numbers (kernels and rounding vary by batch).",
+        json_schema_extra=CHANGES_NUMBERS,
+    )
 
 
 class FitParams(Strict):

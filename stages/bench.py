@@ -48,7 +48,7 @@ def bench(
     from pipeline.loaders import check_betons
     from pipeline.memory import step_peak_bytes
     from pipeline.run import make_run
-    from pipeline.runtime import init_device
+    from pipeline.runtime import choose_device
 
     params = load_params(params_file)
     meta = read_metadata(metadata)
@@ -61,7 +61,8 @@ def bench(
             ["linear-eval", *cell, "--variant", "untrained"], "first evaluation batch ready"
         ),
     }
-    device = init_device()
+    device = choose_device()
+    torch.set_num_threads(workers)  # the step times with as many CPU threads as the loaders decode with
     run = make_run(params, dataset, method, "baseline", 0, meta, device)
     run = dataclasses.replace(run, common=run.common.model_copy(update={"backbone_width": width}))
     split = get_dataset(dataset).load(raw).train  # the reference forks its workers before FFCV starts threads

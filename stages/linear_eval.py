@@ -39,7 +39,7 @@ def linear_eval_command(
     from pipeline.loaders import check_betons
     from pipeline.provenance import Provenance, machine
     from pipeline.run import cell_variant, make_run
-    from pipeline.runtime import init_device
+    from pipeline.runtime import on_device
 
     if (checkpoint is None) != (variant == UNTRAINED):
         raise UserError(f"give --checkpoint for a pretrained variant, and leave it out with --variant {UNTRAINED}")
@@ -50,20 +50,20 @@ def linear_eval_command(
         check_output(provenance)
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
-    device = init_device()
-    machine(device)  # before evaluating: oneDNN names its ISA on its first use
-    run = make_run(params, dataset, method, variant, seed, meta, device)
-    result = linear_eval(
-        run,
-        load_backbone(run, checkpoint),
-        data,
-        params.linear_eval,
-        params.optimizer,
-        device,
-        params.training.loader_workers,
-        params.training.channels_last,
-    )
-    write(metrics, result)
-    if provenance:
-        cell = result.model_dump(include=set(CellMetrics.model_fields))
-        write(provenance, Provenance(**cell, machine=machine(device)))
+    with on_device(params.training.torch_threads) as device:
+        machine(device)  # before evaluating: oneDNN names its ISA on its first use
+        run = make_run(params, dataset, method, variant, seed, meta, device)
+        result = linear_eval(
+            run,
+            load_backbone(run, checkpoint),
+            data,
+            params.linear_eval,
+            params.optimizer,
+            device,
+            params.training.loader_workers,
+            params.training.channels_last,
+        )
+        write(metrics, result)
+        if provenance:
+            cell = result.model_dump(include=set(CellMetrics.model_fields))
+            write(provenance, Provenance(**cell, machine=machine(device)))

@@ -41,7 +41,7 @@ def pretrain_command(
     from pipeline.pretrain import pretrain
     from pipeline.provenance import Provenance, code_version, machine
     from pipeline.run import cell_variant, make_run
-    from pipeline.runtime import init_device, is_rank0
+    from pipeline.runtime import is_rank0, on_device
 
     params = load_params(params_file)
     cell_variant(params, dataset, method, variant)  # a wrong name first, then the files
@@ -51,25 +51,29 @@ def pretrain_command(
         check_output(provenance)
     meta = read_metadata(metadata)
     check_betons(data, meta.num_classes, metadata)
-    device = init_device()
-    machine(device)  # before training: oneDNN names its ISA on its first use
-    run = make_run(params, dataset, method, variant, seed, meta, device)
-    result = pretrain(run, params.training, data, out, device, code_version())
-    if is_rank0():
-        write(metrics, result)
-        if provenance:
-            cell = result.model_dump(include=set(CellMetrics.model_fields))
-            speed = read_log(out / "log.csv")[-1].images_per_s
-            write(provenance, Provenance(**cell, machine=machine(device), images_per_s=speed))
+    with on_device(params.training.torch_threads) as device:
+        machine(device)  # before training: oneDNN names its ISA on its first use
+        run = make_run(params, dataset, method, variant, seed, meta, device)
+        result = pretrain(run, params.training, data, out, device, code_version())
+        if is_rank0():
+            write(metrics, result)
+            if provenance:
+                cell = result.model_dump(include=set(CellMetrics.model_fields))
+                speed = read_log(out / "log.csv")[-1].images_per_s
+                write(provenance, Provenance(**cell, machine=machine(device), images_per_s=speed))
 
 
 def _torchrun_if_asked() -> None:
     """Replace this process by `torchrun` running the same command, when PROJECTOR_IB_NPROC asks for several
-    processes and this is not already one of torchrun's (which set WORLD_SIZE)."""
+    processes and this is not already one of torchrun's (which set WORLD_SIZE); first, stop if CUDA cannot be
+    used (unless PROJECTOR_IB_DEVICE=cpu: then the processes run on the CPU, with gloo)."""
     value = os.environ.get(NPROC_VARIABLE, "1")
     if not value.isdigit() or int(value) < 1:
         raise UserError(f"{NPROC_VARIABLE}={value!r}: expected a number of processes (1 or more)")
     if int(value) > 1 and "WORLD_SIZE" not in os.environ:
+        from pipeline.runtime import choose_device
+
+        choose_device(int(value))  # no GPU to use: say why once, here, rather than in every process
         # one node: rendezvous on the loopback address (a container's hostname may not resolve)
         os.execv(
             sys.executable,

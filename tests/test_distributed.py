@@ -11,6 +11,7 @@ import torch
 
 from pipeline.distributed import SyncBatchNorm, gather_views
 from pipeline.losses import barlow_twins, nt_xent
+from pipeline.runtime import DEVICE_VARIABLE
 from pipeline.step import backward
 from tests.helpers import REPO, WORLD, on_ranks, pretrain_args, tiny_params
 
@@ -256,7 +257,7 @@ def test_pretrain_stage_runs_under_torchrun(tiny_dataset, tmp_path):
         *pretrain_args(tiny_params(tmp_path / "p.yaml", epochs=2), tiny_dataset, out),
     ]
     result = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        command, cwd=REPO, capture_output=True, text=True, env={**os.environ, DEVICE_VARIABLE: "cpu"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["world_size"] == WORLD

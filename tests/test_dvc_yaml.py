@@ -11,7 +11,7 @@ import typer
 from ruamel.yaml import YAML
 
 from pipeline.metrics import COLUMNS
-from pipeline.params import load_params
+from pipeline.params import TrainingParams, load_params
 from pipeline.plots import CURVES
 from stages.cli import app
 from tests.helpers import REPO
@@ -87,6 +87,33 @@ def test_params_keys_exist(stage):
         for part in re.sub(r"\$\{([\w.]+)\}", lambda m: values[m.group(1)], key).split("."):
             assert isinstance(node, dict) and part in node, f"{stage}: params key {key} is not in the schema"
             node = node[part]
+
+
+def training_knobs_read(trees: list[ast.AST]) -> set[str]:
+    """The `training` fields that `trees` read: `training.X` or `params.training.X`."""
+    return {
+        node.attr
+        for tree in trees
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and (
+            (isinstance(node.value, ast.Name) and node.value.id == "training")
+            or (isinstance(node.value, ast.Attribute) and node.value.attr == "training")
+        )
+    }
+
+
+@pytest.mark.parametrize("stage", list(DVC["stages"]))
+def test_training_knobs_that_change_numbers_are_params_of_the_stages_reading_them(stage):
+    """Issue 17.4: a knob that changes results (rounding) and is not a DVC param changes them unseen by `dvc status`
+    and the audit; a speed-only knob as a param would rerun stages for nothing."""
+    spec = DVC["stages"][stage].get("do", DVC["stages"][stage])
+    _, code = command(spec["cmd"])
+    read = training_knobs_read([code, *(ast.parse(m.read_text()) for m in imported_pipeline_modules(code))])
+    assert read <= set(TrainingParams.model_fields), f"{stage} reads training fields that do not exist: {read}"
+    changes = {name for name in read if TrainingParams.model_fields[name].json_schema_extra["changes_numbers"]}
+    params = {key for key in spec.get("params", []) if key.startswith("training.")}
+    assert params == {f"training.{name}" for name in changes}
 
 
 def test_plot_keys_and_curves_are_log_columns():
