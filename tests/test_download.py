@@ -147,8 +147,8 @@ def test_failed_download_that_received_nothing_says_so(tmp_path):
 
 
 def test_archive_placed_in_downloads_works_offline(tmp_path):
-    """README's offline route: the official archive copied to downloads/<dataset>.tar.gz passes the MD5 gate,
-    and nothing is fetched (the URL points at a closed port)."""
+    """The offline route (docs/usage.md, "Datasets"): the official archive copied to downloads/<dataset>.tar.gz
+    passes the MD5 gate, and nothing is fetched (the URL points at a closed port)."""
     archive, _ = cifar_archive(CIFAR10, 10, per_file=5)
     (tmp_path / "downloads").mkdir()
     (tmp_path / "downloads" / "cifar10.tar.gz").write_bytes(archive)
