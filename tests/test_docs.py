@@ -2,12 +2,14 @@
 README.md and docs/*.md, and every relative link, is checked against the repository. Nothing is run.
 
 A line is joined over backslash continuations, loses a leading `$ ` (in `console` blocks only `$ ` lines are
-commands) and its comments, and is split on `&&`, `||`, `;`, `|`, `&`. A command loses leading `VAR=value`
-words and wrappers (`nice -n N`, `time`, `/usr/bin/time -v`, `timeout N`); `cd DIR` moves the block's later
-commands; `source`, `docker`, every other program and `--exec-prefix` strings (inside quotes) are not checked.
-- `python -m stages [--debug] COMMAND ARGS` (also under `torchrun ... -m`): COMMAND is a command of the app and
-  ARGS parse with its Click parser (unknown options, missing values, extra arguments, missing required
-  options), without converting values (a path need not exist yet).
+commands), its comments and redirections, and is split on `&&`, `||`, `;`, `|`, `&`. A command loses leading
+`VAR=value` words and wrappers (`nice -n N`, `time`, `/usr/bin/time -v`, `timeout N`); `cd DIR` moves the block's
+later commands when DIR is a folder of the repository or one the pipeline creates (not a clone's folder).
+`source`, `docker ... IMAGE CMD`, any other program and quoted strings with spaces (`--exec-prefix '...'`) are not
+checked.
+- `python -m stages [--debug] COMMAND ARGS` (also under `torchrun ... -m`): COMMAND is a command of the app (or a
+  placeholder in capitals) and ARGS parse with its Click parser (unknown options, missing values, extra
+  arguments, missing required options), without converting values (a path need not exist yet).
 - `make TARGET`: a target of the Makefile. `scripts/NAME ARGS`: an executable file whose text names every
   `--option` given; its other arguments are what it writes (`scripts/gpu-check REPORT`).
 - `dvc repro|status TARGET`: TARGET (`STAGE`, `STAGE@ITEM`, `dvc.yaml:STAGE`) names a stage of dvc.yaml.
@@ -44,7 +46,7 @@ DVC = YAML(typ="safe").load(REPO / "dvc.yaml")
 MAKE_TARGETS = {
     t for m in re.findall(r"^([\w. -]+):(?![:=])", (REPO / "Makefile").read_text(), re.M) for t in m.split()
 }
-SCRIPTS_TEXT = "".join(p.read_text() for p in [REPO / "Makefile", *(REPO / "scripts").iterdir()])
+SCRIPTS_TEXT = "".join(p.read_text() for p in [REPO / "Makefile", *(REPO / "scripts").iterdir()] if p.is_file())
 CREATED = {
     str(next(iter(out)) if isinstance(out, dict) else out).split("/")[0]
     for stage in DVC["stages"].values()
@@ -84,6 +86,7 @@ def command_lines(language: str, first: int, lines: list[str]) -> Iterator[tuple
 
 def commands(line: str) -> Iterator[list[str]]:
     """A line's commands as words, without leading assignments and wrappers."""
+    line = re.sub(r"\s\d*[<>]+(&\d+|\s*[^\s;&|]+)", " ", line)  # redirections
     lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
     words: list[str] = []
@@ -103,12 +106,12 @@ def parse(command: Command, name: str, args: list[str], parent: Context | None =
     """Parse `args` (a group's: global options, a command and its arguments) as Click does before it converts
     values (`resilient_parsing=True` would also let unknown options and missing values through); raise UsageError."""
     context = Context(command, info_name=name, parent=parent)
-    options, rest, _ = command.make_parser(context).parse_args(args)
-    if isinstance(command, TyperGroup) and rest:
-        subcommand = command.get_command(context, rest[0])
-        if subcommand is None:
+    options, rest, _ = command.make_parser(context).parse_args([*args])  # the parser consumes its list
+    if isinstance(command, TyperGroup):
+        subcommand = command.get_command(context, rest[0]) if rest else None
+        if rest and not subcommand and not rest[0].isupper():  # in capitals, a placeholder: `COMMAND --help`
             raise UsageError(f"no command {rest[0]!r} (choose from {', '.join(command.list_commands(context))})")
-        return parse(subcommand, rest[0], rest[1:], context)
+        return parse(subcommand, rest[0], rest[1:], context) if subcommand else None
     missing = [p.opts[0] for p in command.get_params(context) if p.required and options.get(p.name) is None]
     if missing and "--help" not in args:
         raise UsageError(f"missing {', '.join(missing)}")
@@ -125,8 +128,13 @@ def path_problems(args: list[str], cwd: Path, written: set[Path]) -> Iterator[st
         path = Path(os.path.normpath(cwd / value))
         if option in OUTPUTS:
             written.add(path)
-        elif path.parts[0] not in CREATED and not any(w in (path, *path.parents) for w in written):
-            yield from [] if any(REPO.glob(str(path))) else [f"no file {value}"]
+        elif not is_created(path) and not any(w in (path, *path.parents) for w in written):
+            yield f"no file {value}"
+
+
+def is_created(path: Path) -> bool:
+    """Whether `path` (relative to the repository) exists or lies under a folder the pipeline creates."""
+    return not path.is_absolute() and (path.parts[:1] == () or path.parts[0] in CREATED or any(REPO.glob(str(path))))
 
 
 def line_problems(words: list[str], cwd: Path, written: set[Path]) -> Iterator[str]:
@@ -182,21 +190,20 @@ def slugs(prose: str) -> set[str]:
 
 def doc_problems(doc: Path) -> list[str]:
     prose, blocks = split_fences(doc.read_text())
-    problems, written = [f"{doc.name}:{p}" for p in link_problems(doc, prose)], set[Path]()
+    name = doc.relative_to(REPO) if doc.is_relative_to(REPO) else doc.name
+    problems, written = [f"{name}:{p}" for p in link_problems(doc, prose)], set[Path]()
     for language, first, lines in blocks:
         cwd = Path()
         for number, line in command_lines(language, first, lines):
             try:
                 line_commands = list(commands(line))
             except ValueError as error:  # shlex: an unclosed quote
-                line_commands, problems = [], [*problems, f"{doc.name}:{number}: {error} (in: {line.strip()})"]
+                line_commands, problems = [], [*problems, f"{name}:{number}: {error} (in: {line.strip()})"]
             for words in line_commands:
-                if words[:1] == ["cd"] and len(words) > 1:
+                if words[:1] == ["cd"] and len(words) > 1 and is_created(Path(os.path.normpath(cwd / words[1]))):
                     cwd = Path(os.path.normpath(cwd / words[1]))
-                problems += [
-                    f"{doc.name}:{number}: {p} (in: {line.strip()})" for p in line_problems(words, cwd, written)
-                ]
-    return problems
+                problems += [f"{name}:{number}: {p} (in: {line.strip()})" for p in line_problems(words, cwd, written)]
+    return sorted(problems, key=lambda problem: int(problem.split(":")[1]))
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda doc: str(doc.relative_to(REPO)))
@@ -213,8 +220,11 @@ See [the method](method.md#the-method), [its claim](method.md#claim), [a file](m
 {fence}console
 $ python -m stages export --checkpoint runs/x.pt \\
     --out encoder.safetensors  # runs/ is created, then encoder.safetensors exists
+$ cd projector-ib && make demo 2>&1 | tee demo.log  # cd: the clone's folder, not one here
+$ python -m stages COMMAND --help; python -m stages report --help
 $ nice -n 10 python -m stages --debug export --checkpoint encoder.safetensors --output e
 $ make nothing && scripts/gpu-check --gpu; dvc repro nostage@x
+$ python -m stages export --checkpoint runs/x.pt
 $ cd docs && python -m stages export --checkpoint ../pipeline/no.pt --out
 {fence}
 """)
@@ -222,11 +232,12 @@ $ cd docs && python -m stages export --checkpoint ../pipeline/no.pt --out
     expected = [
         "guide.md:2: no heading for #claim in method.md",
         "guide.md:2: link to a missing file: missing.md",
-        "guide.md:6: No such option: --output (Possible options: --out)",
-        "guide.md:7: no Makefile target 'nothing'",
-        "guide.md:7: scripts/gpu-check has no option --gpu",
-        "guide.md:7: no stage 'nostage' in dvc.yaml",
-        "guide.md:8: Option '--out' requires an argument.",
-        "guide.md:8: no file ../pipeline/no.pt",
+        "guide.md:8: No such option: --output (Possible options: --out)",
+        "guide.md:9: no Makefile target 'nothing'",
+        "guide.md:9: scripts/gpu-check has no option --gpu",
+        "guide.md:9: no stage 'nostage' in dvc.yaml",
+        "guide.md:10: missing --out",
+        "guide.md:11: Option '--out' requires an argument.",
+        "guide.md:11: no file ../pipeline/no.pt",
     ]
     assert [problem.split(" (in: ")[0] for problem in problems] == expected
