@@ -64,7 +64,7 @@ def split_fences(text: str) -> tuple[str, list[tuple[str, int, list[str]]]]:
             indent, fence, language = opening.groups()
             blocks.append((language, number + 1, []))
         elif fence is not None and line.strip().startswith(fence) and not line.strip().strip(fence[0]):
-            fence = None
+            fence = None  # a line of the fence's character alone, at least as many
         elif fence is not None:
             blocks[-1][2].append(line.removeprefix(indent))
         prose.append("" if fence or opening else line)
@@ -134,7 +134,7 @@ def path_problems(args: list[str], cwd: Path, written: set[Path]) -> Iterator[st
 
 def is_created(path: Path) -> bool:
     """Whether `path` (relative to the repository) exists or lies under a folder the pipeline creates."""
-    return not path.is_absolute() and (path.parts[:1] == () or path.parts[0] in CREATED or any(REPO.glob(str(path))))
+    return not path.is_absolute() and (not path.parts or path.parts[0] in CREATED or any(REPO.glob(str(path))))
 
 
 def line_problems(words: list[str], cwd: Path, written: set[Path]) -> Iterator[str]:
@@ -149,7 +149,9 @@ def line_problems(words: list[str], cwd: Path, written: set[Path]) -> Iterator[s
             yield error.format_message()
         yield from path_problems(args, cwd, written)
     elif program == "make":
-        yield from (f"no Makefile target {t!r}" for t in args if re.fullmatch(r"[\w.-]+", t) and t not in MAKE_TARGETS)
+        yield from (
+            f"no Makefile target {t!r}" for t in args if re.fullmatch(r"[\w.][\w.-]*", t) and t not in MAKE_TARGETS
+        )
     elif program.removeprefix("./").startswith("scripts/"):
         script = REPO / cwd / program
         if not os.access(script, os.X_OK):
