@@ -147,9 +147,21 @@ class BarlowTwinsCommon(CommonParams):
     loss_scale: Positive
 
 
+BASELINE_HEADS: dict[str, tuple[int, bool]] = {
+    "simclr": (2, False),
+    "barlow_twins": (3, True),
+}  # per method: the baseline projector's linear layers and whether it has batch norm (docs/method.md 3.6)
+
+
 class VariantParams(Strict):
     """One variant: the paper's projector modifications it switches on, each on when its knobs are given
-    (docs/method.md section 1; any combination). `{}` is the baseline."""
+    (docs/method.md section 1; any combination), and the projector's shape where it departs from the method's
+    baseline head (docs/method.md 3.6). `{}` is the baseline.
+
+    The projector is (Linear–[BN]–ReLU) × (layers − 1), then Linear to the output width; 1 layer is a linear
+    projector, 0 none (z = h). A sparse autoencoder replaces its last two linear layers (it is two linear layers,
+    its latents the hidden layer): it acts on the output of the blocks before them, the features with 2 layers,
+    and its output has its input's width."""
 
     mi_weight: Positive | None = Field(None, description="λ: add λ · I(Z1;Z2) to the loss (docs/method.md 3.3).")
     mi_grad_fp32: bool | None = Field(
@@ -163,6 +175,17 @@ class VariantParams(Strict):
     levels: int | None = Field(None, ge=2, le=1000, description="L: quantize the projector output to L values (3.4).")
     sae_latent_dim: int | None = Field(None, ge=1, le=1_000_000, description="d: sparse-autoencoder projector (3.5).")
     sae_topk: int | None = Field(None, ge=1, description="k: latents the sparse autoencoder keeps per sample.")
+    projector_layers: int | None = Field(
+        None,
+        ge=0,
+        le=16,
+        description="Linear layers of the projector (default: the method's, SimCLR 2, Barlow Twins 3).",
+    )
+    projector_hidden_dim: int | None = Field(None, ge=1, le=65_536, description="Its hidden width (default: common's).")
+    projector_out_dim: int | None = Field(None, ge=1, le=65_536, description="Its output width (default: common's).")
+    projector_batch_norm: bool | None = Field(
+        None, description="Batch norm after each hidden layer (default: the method's, SimCLR no, Barlow Twins yes)."
+    )
 
     @model_validator(mode="after")
     def _knobs_come_together(self) -> "VariantParams":
@@ -302,6 +325,9 @@ def _cross_check(params: Params) -> list[str]:
                 for name in cell.variants
                 if name == UNTRAINED
             ]
+            problems += [
+                p for name, v in cell.variants.items() for p in _projector_fits(f"{key}.variants.{name}", v, method)
+            ]
             if dataset in experiment.datasets and method in experiment.methods:
                 problems += [
                     f"experiment.variants: {name!r} is not defined under {key}.variants"
@@ -312,6 +338,31 @@ def _cross_check(params: Params) -> list[str]:
             fit = getattr(getattr(params.linear_eval, dataset), method)
             problems += _fit_fits(f"linear_eval.{dataset}.{method}", fit)
     return problems + _fit_fits("linear_eval.probe", params.linear_eval.probe)
+
+
+def _projector_fits(key: str, knobs: VariantParams, method: str) -> list[str]:
+    """Projector knobs a variant gives that its projector has no use for (its shape: VariantParams)."""
+    layers = BASELINE_HEADS[method][0] if knobs.projector_layers is None else knobs.projector_layers
+    sae = knobs.sae_latent_dim is not None
+    if sae and layers < 2:
+        return [
+            f"{key}.projector_layers: found {layers}; the sparse autoencoder replaces the projector's last two "
+            "linear layers, so it needs at least 2"
+        ]
+    shape = f"a projector of {layers} linear layer{'s' if layers != 1 else ''}" + (
+        " with a sparse autoencoder" if sae else ""
+    )
+    hidden = layers - 2 if sae else layers - 1
+    unused = {
+        "projector_hidden_dim": (hidden <= 0, "has no hidden layer"),
+        "projector_batch_norm": (hidden <= 0, "has no hidden layer"),
+        "projector_out_dim": (sae or layers == 0, "keeps its input's width"),
+    }
+    return [
+        f"{key}.{name}: {shape} {why}; remove {name}"
+        for name, (refused, why) in unused.items()
+        if refused and getattr(knobs, name) is not None
+    ]
 
 
 def _warmup_fits(key: str, warmup_epochs: int, epochs: int) -> list[str]:
