@@ -91,9 +91,13 @@ class ExperimentParams(Strict):
     @field_validator("datasets", "methods", "variants", "seeds")
     @classmethod
     def _unique(cls, names: list) -> list:
-        if len(set(names)) != len(names):
-            raise ValueError("each entry may appear once")
-        return names
+        return _each_once(names)
+
+
+def _each_once(names: list) -> list:
+    if len(set(names)) != len(names):
+        raise ValueError("each entry may appear once")
+    return names
 
 
 class ViewParams(Strict):
@@ -186,6 +190,20 @@ class VariantParams(Strict):
     projector_batch_norm: bool | None = Field(
         None, description="Batch norm after each hidden layer (default: the method's, SimCLR no, Barlow Twins yes)."
     )
+
+    def ablated(self) -> tuple[str, float] | None:
+        """For Fig. 4: the one knob this variant switches on and its value, ("mi_weight", λ), ("levels", L) or
+        ("sae_sparsity", k / d); None if it switches on another number of them or shapes its projector."""
+        shaped = any(
+            getattr(self, name) is not None for name in type(self).model_fields if name.startswith("projector_")
+        )
+        sparsity = self.sae_topk / self.sae_latent_dim if self.sae_topk and self.sae_latent_dim else None
+        knobs = [
+            (k, float(v))
+            for k, v in (("mi_weight", self.mi_weight), ("levels", self.levels), ("sae_sparsity", sparsity))
+            if v is not None
+        ]
+        return knobs[0] if len(knobs) == 1 and not shaped else None
 
     @model_validator(mode="after")
     def _knobs_come_together(self) -> "VariantParams":
@@ -296,8 +314,34 @@ class LinearEvalParams(Strict):
     folder: EvalMethods
 
 
+class FigureParams(Strict):
+    """One figure's own cells: its `points` (variants defined under `pretrain.<dataset>.<method>.variants` that
+    `experiment` does not build) × its `seeds`. It also reads the table's cells of its dataset, method and seeds:
+    the table's variants and the untrained encoder."""
+
+    dataset: DatasetName = Field(description="One of experiment.datasets.")
+    method: MethodName = Field(description="One of experiment.methods.")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, description="Some of experiment.seeds.")
+    points: list[str] = Field(description="Variant names, each its own cells; []: no figure.")
+
+    @field_validator("seeds", "points")
+    @classmethod
+    def _unique(cls, names: list) -> list:
+        return _each_once(names)
+
+
+class FiguresParams(Strict):
+    """The paper's figures beyond its tables: the cells each adds to `experiment`'s (docs/method.md §8)."""
+
+    bounds: FigureParams = Field(description="Fig. 3: the final bounds against top-1, a point per projector.")
+    ablations: FigureParams = Field(
+        description="Fig. 4 (c)-(e): top-1 against λ, L and k/d; each point switches on one of them alone."
+    )
+
+
 class Params(Strict):
     experiment: ExperimentParams
+    figures: FiguresParams
     download: DownloadParams
     datasets: DatasetsParams
     augmentations: dict[str, AugmentationParams]
@@ -337,7 +381,64 @@ def _cross_check(params: Params) -> list[str]:
                 ]
             fit = getattr(getattr(params.linear_eval, dataset), method)
             problems += _fit_fits(f"linear_eval.{dataset}.{method}", fit)
-    return problems + _fit_fits("linear_eval.probe", params.linear_eval.probe)
+    return problems + _fit_fits("linear_eval.probe", params.linear_eval.probe) + _figures_fit(params)
+
+
+def _figures_fit(params: Params) -> list[str]:
+    """A figure adds cells beside the table's: variants that are defined and that neither the table nor the other
+    figure builds (two stages cannot write one cell), in a dataset, method and seeds of the table, whose untrained
+    (and baseline) cells it reads. Fig. 4's points each switch on one knob."""
+    problems: list[str] = []
+    built: dict[tuple[str, str, str], str] = {}  # (dataset, method, point) -> the figure that builds it
+    for name in FiguresParams.model_fields:
+        figure, key = getattr(params.figures, name), f"figures.{name}"
+        if not figure.points:
+            continue
+        for field, value in (("datasets", figure.dataset), ("methods", figure.method)):
+            if value not in getattr(params.experiment, field):
+                problems.append(f"{key}.{field[:-1]}: {value!r} is not in experiment.{field}: {READS_THE_TABLE}")
+        if missing := [seed for seed in figure.seeds if seed not in params.experiment.seeds]:
+            problems.append(f"{key}.seeds: {missing} not in experiment.seeds: {READS_THE_TABLE}")
+        variants = getattr(getattr(params.pretrain, figure.dataset), figure.method).variants
+        for point in figure.points:
+            other = built.setdefault((figure.dataset, figure.method, point), name)
+            if point not in variants:
+                problems.append(
+                    f"{key}.points: {point!r} is not defined under pretrain.{figure.dataset}.{figure.method}."
+                    f"variants{_did_you_mean(point, list(variants))}"
+                )
+            elif point in params.experiment.variants:
+                problems.append(f"{key}.points: {point!r} is a variant of the table, whose cells it reads; remove it")
+            elif other != name:
+                problems.append(f"{key}.points: {point!r} is a point of figures.{other} too; keep it in one")
+    return problems + _ablations_fit(params)
+
+
+READS_THE_TABLE = "a figure reads the table's untrained (and baseline) cells of its dataset, method and seeds"
+
+
+def _ablations_fit(params: Params) -> list[str]:
+    """Fig. 4's points switch on one knob each, one value per point; its curves need the table's baseline."""
+    figure = params.figures.ablations
+    if not figure.points:
+        return []
+    problems = [] if "baseline" in params.experiment.variants else [f"figures.ablations: {NEEDS_BASELINE}"]
+    variants = getattr(getattr(params.pretrain, figure.dataset), figure.method).variants
+    seen: dict[tuple[str, float], str] = {}
+    for name in [v for v in params.experiment.variants if v in variants] + figure.points:
+        knob = variants[name].ablated() if name in variants else None
+        if knob is None and name in figure.points and name in variants:
+            problems.append(f"figures.ablations.points: {name!r} {ONE_KNOB}")
+        elif knob and (twin := seen.setdefault(knob, name)) != name:
+            problems.append(f"figures.ablations.points: {name!r} has {knob[0]} = {knob[1]:g} like {twin!r}")
+    return problems
+
+
+NEEDS_BASELINE = "its curves are drawn against the table's baseline: add 'baseline' to experiment.variants"
+ONE_KNOB = (
+    "must switch on exactly one of mi_weight (with mi_grad_fp32), levels or sae_latent_dim/sae_topk, and keep the "
+    "baseline's projector"
+)
 
 
 def _projector_fits(key: str, knobs: VariantParams, method: str) -> list[str]:

@@ -1,78 +1,29 @@
 """The paper's table from the metrics files: mean ± std over seeds, gains over the baseline with 95%
-intervals, the paper's reference values beside them, and whether each gain agrees with the paper.
-
-Gains are paired by seed (variant and baseline of one seed share data order and initialization):
-gain = mean over seeds of (variant − baseline), interval mean ± t(0.975, n−1) · sd / √n.
+intervals (pipeline.stats), the paper's reference values beside them, and whether each gain agrees with the paper;
+and the figures (pipeline.figures).
 """
 
 import csv
 import itertools
 import json
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from ruamel.yaml import YAML
-from scipy.stats import t as student_t
 
 from pipeline.atomic import atomic_dir
-from pipeline.metrics import COLUMNS, LinearEvalMetrics, PretrainMetrics, collect, read_log
+from pipeline.figures import Figure, draw_figures, figures_markdown, write_figures
+from pipeline.metrics import Cell, LinearEvalMetrics, PretrainMetrics, collect, read_log
 from pipeline.params import UNIT_ROUNDOFF, UNTRAINED, ExperimentParams
 from pipeline.plots import gains_chart, training_curves
+from pipeline.stats import Gain, Summary, paired_gain, summarize
 
-Cell = tuple[str, str, str, int]  # dataset, method, variant, seed
 METRICS = {
     "top1": "Linear evaluation top-1, the paper's protocol",
     "probe_top1": "Fast frozen linear probe top-1",
     "knn_top1": "kNN top-1",
     "online_test_acc": "Online linear top-1 (during pretraining)",
 }
-
-
-@dataclass(frozen=True)
-class Summary:
-    mean: float
-    std: float | None  # None with one seed
-    n: int
-
-    def text(self) -> str:
-        return f"{self.mean:.2f}" + (f" ± {self.std:.2f}" if self.std is not None else "") + f" (n={self.n})"
-
-
-@dataclass(frozen=True)
-class Gain:
-    mean: float
-    low: float | None  # 95% interval; None with one seed
-    high: float | None
-    n: int
-
-    def agreement(self) -> str:
-        """With the paper's claim that every modification improves on its baseline."""
-        if self.low is None:
-            return "same sign, no spread (n=1)" if self.mean > 0 else "opposite sign, no spread (n=1)"
-        if self.low > 0:
-            return "agrees"
-        return "disagrees" if self.high is not None and self.high < 0 else "inconclusive"
-
-    def text(self) -> str:
-        interval = f" [{self.low:+.2f}, {self.high:+.2f}]" if self.low is not None else ""
-        return f"{self.mean:+.2f}{interval}"
-
-
-def summarize(values: list[float]) -> Summary:
-    return Summary(float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None, len(values))
-
-
-def paired_gain(variant: dict[int, float], baseline: dict[int, float]) -> Gain:
-    seeds = sorted(set(variant) & set(baseline))
-    differences = np.array([variant[s] - baseline[s] for s in seeds])
-    mean = float(differences.mean())
-    if len(seeds) < 2:
-        return Gain(mean, None, None, len(seeds))
-    half = float(student_t.ppf(0.975, len(seeds) - 1) * differences.std(ddof=1) / math.sqrt(len(seeds)))
-    return Gain(mean, mean - half, mean + half, len(seeds))
 
 
 def build_tables(
@@ -221,6 +172,7 @@ def _cell_text(row: dict | None) -> str:
 
 def write_report(
     experiment: ExperimentParams,
+    figures: list[Figure],
     pretrain_metrics: Path,
     linear_metrics: Path,
     untrained_metrics: Path,
@@ -228,33 +180,38 @@ def write_report(
     reference: Path,
     out: Path,
 ) -> None:
-    """`out/`: results.md, results.csv, results.json, curves-<dataset>-<method>.png, gains.png.
+    """`out/`: results.md, results.csv, results.json, curves-<dataset>-<method>.png, gains.png, and each figure's
+    files (pipeline.figures.write_figures).
 
     `run_log(cell)` is the path of a cell's log.csv (the caller knows the run layout)."""
     settings = list(itertools.product(experiment.datasets, experiment.methods))
     cells = [(d, m, v, s) for (d, m), v, s in itertools.product(settings, experiment.variants, experiment.seeds)]
     untrained = [(d, m, UNTRAINED, s) for (d, m), s in itertools.product(settings, experiment.seeds)]
-    pretrained = collect(pretrain_metrics, PretrainMetrics, cells)
-    evaluated = collect(linear_metrics, LinearEvalMetrics, cells) | collect(
+    every = list(dict.fromkeys(cells + [c for figure in figures for c in figure.cells()]))  # figures: table's too
+    pretrained = collect(pretrain_metrics, PretrainMetrics, every)
+    evaluated = collect(linear_metrics, LinearEvalMetrics, every) | collect(
         untrained_metrics, LinearEvalMetrics, untrained
     )
-    values = {
-        metric: {c: 100 * getattr(m, metric) for c, m in evaluated.items()}
+    values: dict[str, dict[Cell, float]] = {
+        metric: {c: 100 * getattr(evaluated[c], metric) for c in cells + untrained}
         for metric in ("top1", "probe_top1", "knn_top1")
     }
-    values["online_test_acc"] = {c: 100 * m.online_test_acc for c, m in pretrained.items()}
+    values["online_test_acc"] = {c: 100 * pretrained[c].online_test_acc for c in cells}
     protocols: dict[tuple[str, str], str] = {(d, m): evaluated[d, m, v, s].protocol for d, m, v, s in cells}
     paper = YAML(typ="safe", pure=True).load(reference.read_text())
     tables = build_tables(values, paper["cells"], experiment.variants, protocols)
     tables["regularizer"] = regularizer_rows(pretrained)
-    histories = {(d, m, v): _mean_history([run_log((d, m, v, s)) for s in experiment.seeds]) for d, m, v, _ in cells}
+    drawn = draw_figures(figures, pretrained, evaluated)
+    histories = {(d, m, v): [read_log(run_log((d, m, v, s))) for s in experiment.seeds] for d, m, v, _ in cells}
     with atomic_dir(out) as staging:
-        (staging / "results.json").write_text(json.dumps({"claim": paper["claim"]} | tables, indent=2) + "\n")
+        results = {"claim": paper["claim"]} | tables | ({"figures": drawn} if drawn else {})
+        (staging / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         with open(staging / "results.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(tables["rows"])
-        (staging / "results.md").write_text(markdown(tables, experiment.variants, paper["claim"]))
+        text = markdown(tables, experiment.variants, paper["claim"])
+        (staging / "results.md").write_text(text + ("\n" + figures_markdown(drawn) if drawn else ""))
         for dataset, method in settings:
             training_curves(
                 {v: histories[dataset, method, v] for v in experiment.variants},
@@ -262,6 +219,7 @@ def write_report(
                 staging / f"curves-{dataset}-{method}.png",
             )
         gains_chart(tables["rows"], staging / "gains.png")
+        write_figures(drawn, staging)
 
 
 CSV_COLUMNS = [
@@ -280,15 +238,6 @@ CSV_COLUMNS = [
     "paper_top1",
     "paper_gain",
 ]
-
-
-def _mean_history(paths: list[Path]) -> list[dict]:
-    """Per-epoch rows of log.csv files, averaged over the files (seeds)."""
-    runs = [read_log(path) for path in paths]
-    return [
-        {key: float(np.mean([getattr(run[i], key) for run in runs])) for key in COLUMNS}
-        for i in range(min(len(run) for run in runs))
-    ]
 
 
 def means(results: dict) -> dict[tuple, float]:

@@ -137,6 +137,7 @@ def tiny_sections(**common) -> dict:
     `common` overrides `pretrain.synthetic.<method>.common`."""
     cell = TINY_CELL | {"common": TINY_COMMON | common}
     return {
+        "figures": {"bounds": {"points": []}, "ablations": {"points": []}},  # the table only
         "datasets": {"synthetic": {"train_per_class": 8, "test_per_class": 4}},
         "training": {"loader_workers": 1, "eval_batch_size": 64},
         "pretrain": {"synthetic": {m: cell for m in ("simclr", "barlow_twins")}},

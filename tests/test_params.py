@@ -204,6 +204,59 @@ def test_projector_knobs_combine_with_the_papers_modifications(tmp_path):
     assert load_params(path).pretrain.cifar10.barlow_twins.variants["none"].projector_layers == 0
 
 
+@pytest.mark.parametrize(
+    "figures, message",
+    [
+        (
+            {"bounds": {"points": ["nope"]}},
+            "figures.bounds.points: 'nope' is not defined under pretrain.cifar10.simclr.variants",
+        ),
+        (
+            {"bounds": {"points": ["linear", "mi_reg"]}},
+            "figures.bounds.points: 'mi_reg' is a variant of the table, whose cells it reads; remove it",
+        ),
+        (
+            {"bounds": {"points": ["levels_1"]}},
+            "figures.ablations.points: 'levels_1' is a point of figures.bounds too; keep it in one",
+        ),
+        (
+            {"bounds": {"dataset": "synthetic"}},
+            "figures.bounds.dataset: 'synthetic' is not in experiment.datasets: "
+            "a figure reads the table's untrained (and baseline) cells",
+        ),
+        ({"ablations": {"seeds": [5, 9]}}, "figures.ablations.seeds: [9] not in experiment.seeds"),
+        (
+            {"ablations": {"points": ["linear"]}},
+            "figures.ablations.points: 'linear' must switch on exactly one of "
+            "mi_weight (with mi_grad_fp32), levels or sae_latent_dim/sae_topk, and keep the baseline's projector",
+        ),
+        (
+            {"ablations": {"points": ["levels_1", "levels_30"]}},
+            "figures.ablations.points: 'levels_30' has levels = 30 like 'discrete'",
+        ),
+        (
+            {"ablations": {"points": ["levels_1", "levels_1"]}},
+            "figures.ablations.points: found ['levels_1', 'levels_1']; Value error, each entry may appear once",
+        ),
+    ],
+)
+def test_figure_points_must_be_buildable_beside_the_table(tmp_path, figures, message):
+    variants = {"levels_30": {"levels": 30}}
+    path = write_params(tmp_path / "p.yaml", figures=figures, pretrain={"cifar10": {"simclr": {"variants": variants}}})
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert message in str(error.value)
+
+
+def test_figures_need_the_tables_baseline_and_empty_figures_need_nothing(tmp_path):
+    path = write_params(tmp_path / "p.yaml", experiment={"variants": ["mi_reg"]})
+    with pytest.raises(ParamsError, match="figures.ablations: its curves are drawn against the table's baseline: add "):
+        load_params(path)
+    empty = {"bounds": {"dataset": "folder", "points": []}, "ablations": {"points": []}}
+    path = write_params(tmp_path / "p.yaml", experiment={"variants": ["mi_reg"]}, figures=empty)
+    assert load_params(path).figures.bounds.points == []
+
+
 def test_epochs_must_fit(tmp_path):
     path = write_params(
         tmp_path / "p.yaml",

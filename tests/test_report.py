@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 from pipeline.errors import UserError
 from pipeline.metrics import EpochLog, LinearEvalMetrics, PretrainMetrics, write_log
 from pipeline.params import ExperimentParams
-from pipeline.report import paired_gain, write_report
+from pipeline.report import write_report
+from pipeline.stats import paired_gain
 from stages.cli import app
 from stages.report import run_logs
 from tests.helpers import REPO
@@ -75,9 +76,10 @@ def write_cells(root, precision="fp32", ratio=1e-3, mi_grad_fp32=False):
             write_log(run / "log.csv", [EpochLog(epoch=e, **EPOCH, mi_grad_ratio=ratio) for e in (1, 2)])
 
 
-def make_report(root, out):
+def make_report(root, out, figures=()):
     write_report(
         EXPERIMENT,
+        list(figures),
         root / "pretrain",
         root / "linear_eval",
         root / "untrained",
