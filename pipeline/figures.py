@@ -48,12 +48,9 @@ def figures_of(params: Params) -> list[Figure]:
             continue
         defined = getattr(getattr(params.pretrain, spec.dataset), spec.method).variants
         names = [*experiment.variants, *spec.points]
-        if (
-            name == "bounds"
-            and ablations.points
-            and (ablations.dataset, ablations.method) == (spec.dataset, spec.method)
-        ):
-            names += ablations.points if ablations.seeds == spec.seeds else []
+        same_setting = (ablations.dataset, ablations.method, ablations.seeds) == (spec.dataset, spec.method, spec.seeds)
+        if name == "bounds" and same_setting:
+            names += ablations.points
         if name == "ablations":
             names = [n for n in names if n == "baseline" or defined[n].ablated()]
         figures.append(Figure(name, spec.dataset, spec.method, tuple(spec.seeds), {n: defined[n] for n in names}))
@@ -69,7 +66,9 @@ def family(knobs: VariantParams, method: str) -> str:
     return head + (", quantized" if knobs.levels else "")
 
 
-def bounds_figure(figure: Figure, pretrained: dict[Cell, PretrainMetrics], evaluated: dict[Cell, LinearEvalMetrics]):
+def bounds_figure(
+    figure: Figure, pretrained: dict[Cell, PretrainMetrics], evaluated: dict[Cell, LinearEvalMetrics]
+) -> dict:
     """Fig. 3's points (a cell each) and coefficients: every bound × accuracy, over all cells and per family
     with at least MIN_VARIANTS variants."""
     points: list[dict[str, Any]] = [
@@ -91,8 +90,8 @@ def bounds_figure(figure: Figure, pretrained: dict[Cell, PretrainMetrics], evalu
         )
         rows.append(
             {"bound": bound, "accuracy": accuracy, "family": group, "variants": variants, "cells": len(chosen)}
-            | {f"pearson{end}": getattr(pearson, f"{field}") for end, field in _ENDS}
-            | {f"spearman{end}": getattr(spearman, f"{field}") for end, field in _ENDS}
+            | {f"pearson{end}": getattr(pearson, field) for end, field in _ENDS}
+            | {f"spearman{end}": getattr(spearman, field) for end, field in _ENDS}
             | {"pearson_reading": pearson.reading(), "spearman_reading": spearman.reading()}
         )
     return _setting(figure) | {"points": points, "correlations": rows}
@@ -126,8 +125,8 @@ def curve_shape(members: list[tuple[float, str]], values: dict[str, dict[int, fl
     point is picked on the same seeds, so its gains lean optimistic."""
     means = [float(np.mean(list(values[v].values()))) for _, v in members]
     best = int(np.argmax(means))
-    shape: dict = {"best": members[best][1], "best_value": members[best][0], "gain_over_low_end": None}
-    shape["gain_over_high_end"] = None
+    shape: dict = {"best": members[best][1], "best_value": members[best][0]}
+    shape |= {"gain_over_low_end": None, "gain_over_high_end": None}
     if len(members) < 3:
         return shape | {"reading": f"too few values for a shape ({len(members)}; 3 needed)"}
     if best in (0, len(members) - 1):

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.metrics import EpochLog  # noqa: E402
 
@@ -41,6 +42,7 @@ def training_curves(runs: dict[str, Sequence[Sequence[EpochLog]]], title: str, p
         if key == "mi_grad_ratio" and any(getattr(r, key) > 0 for logs in runs.values() for log in logs for r in log):
             axis.set_yscale("log")
         axis.set(title=label, xlabel="epoch", ylabel=unit)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes.flat[0].legend(title="variant")
     band = "; band: ± 1 std over seeds" if seeds > 1 else " (one seed: no band)"
@@ -57,14 +59,14 @@ def gains_chart(rows: list[dict], path: Path) -> None:
         [r["gain"] - r["gain_low"] if r["gain_low"] is not None else 0 for r in gains],
         [r["gain_high"] - r["gain"] if r["gain_high"] is not None else 0 for r in gains],
     ]
-    axis.bar(positions, [r["gain"] for r in gains], color="tab:blue", label="mean gain over seeds")
+    axis.bar(positions, [r["gain"] for r in gains], width=0.6, color="tab:blue", label="mean gain over seeds")
     axis.errorbar(positions, [r["gain"] for r in gains], yerr=errors, fmt="none", ecolor="black", capsize=4)
     axis.plot([], [], color="black", label="95% interval, paired by seed (Student t)")
     axis.axhline(0, color="black", linewidth=0.8)
     axis.set_xticks(list(positions), [f"{r['dataset']}\n{r['method']}\n{r['variant']}" for r in gains], fontsize=8)
     axis.set_ylabel("gain in top-1 (points)")
     axis.set_title("Gain of each variant over its baseline: linear top-1, the paper's protocol")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axis.grid(axis="y", alpha=0.3)
     _save(figure, path)
 

@@ -40,6 +40,9 @@ def demo(tmp_path_factory) -> Path:
         shutil.copy(REPO / name, root / "repo" / name)
     write_params(root / "repo" / "params.yaml", **TINY_FIGURES)
     output = run(root / "repo", "scripts/demo", env={"DEMO_DIR": str(root / "demo"), "FIGURES": "yes", "SEEDS": "0"})
+    # launch ran the figures' cells beside the table's (and the untrained reference), then the report and audit
+    points = [f"synthetic-simclr-{v}-0" for v in ["baseline", *PROJECTORS, *LEVELS]]
+    assert f"6 of 6 cells to run: {' '.join(points)} untrained-synthetic-simclr-0" in output
     assert "audit: OK" in output
     return root / "demo"
 
@@ -86,6 +89,15 @@ def test_curves_hold_each_points_accuracy_and_the_levels(demo):
     assert top1["reading"] == "too few values for a shape (2; 3 needed)"
     assert "### L (levels)" in (demo / "reports" / "results.md").read_text()
     assert (demo / "reports" / "fig4-levels.csv").exists() and (demo / "reports" / "fig4-ablations.png").exists()
+
+
+def test_dvc_plots_draw_the_figures_data(demo):
+    """`dvc plots show`: a scatter of Fig. 3's cells, a curve of Fig. 4's levels; the other knobs have no points."""
+    shown = json.loads(run(demo, "dvc", "plots", "show", "--json").split("\n", 1)[-1])
+    scatter = shown["data"]["fig3-bounds"][0]["content"]
+    assert scatter["mark"]["type"] == "point" and len(scatter["data"]["values"]) == 2 * 5  # 2 bounds × 5 cells
+    assert len(shown["data"]["fig4-levels"][0]["content"]["data"]["values"]) == 3 * 2  # 3 accuracies × 2 values
+    assert {e["source"] for e in shown["errors"]} == {"reports/fig4-mi_weight.csv", "reports/fig4-sae_sparsity.csv"}
 
 
 def test_an_experiment_on_one_points_knob_reruns_that_point_only(demo):

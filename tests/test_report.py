@@ -2,6 +2,7 @@
 
 import csv
 import json
+import struct
 
 import pytest
 from typer.testing import CliRunner
@@ -123,6 +124,15 @@ def test_markdown_csv_and_plots_are_written(report):
     rows = list(csv.DictReader((report / "results.csv").open()))
     assert len(rows) == 3 * 3 + 2 and rows[0]["metric"] == "top1"  # untrained, baseline, mi_reg; online: no untrained
     assert sorted(p.name for p in report.glob("*.png")) == ["curves-cifar10-simclr.png", "gains.png"]
+
+
+def test_figures_fit_a_laptop_screen(report):
+    """Issue 19.4: curves-<dataset>-<method>.png was 2400×320 px, six panels in one row; now a grid of panels,
+    and every PNG fits 1400×1000 px (read at 100%)."""
+    for path in report.glob("*.png"):
+        width, height = struct.unpack(">II", path.read_bytes()[16:24])  # the PNG header's IHDR
+        assert width <= 1400 and height <= 1000, (path.name, width, height)
+    assert struct.unpack(">II", (report / "curves-cifar10-simclr.png").read_bytes()[16:24])[1] >= 600  # two rows
 
 
 def test_report_is_reproducible_byte_for_byte(report, tmp_path):
