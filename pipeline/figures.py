@@ -128,16 +128,25 @@ def curve_shape(members: list[tuple[float, str]], values: dict[str, dict[int, fl
     shape: dict = {"best": members[best][1], "best_value": members[best][0]}
     shape |= {"gain_over_low_end": None, "gain_over_high_end": None}
     if len(members) < 3:
-        return shape | {"reading": f"too few values for a shape ({len(members)}; 3 needed)"}
+        return shape | _reading("too few values", f"too few values for a shape ({len(members)}; 3 needed)")
     if best in (0, len(members) - 1):
-        return shape | {"reading": f"no rise then fall: the best is the {'lowest' if best == 0 else 'highest'} value"}
+        end = "lowest" if best == 0 else "highest"
+        return shape | _reading(f"best at the {end} value", f"no rise then fall: the best is the {end} value")
     gains = [paired_gain(values[members[best][1]], values[members[end][1]]) for end in (0, -1)]
     shape |= {"gain_over_low_end": _gain(gains[0]), "gain_over_high_end": _gain(gains[1])}
     if any(g.low is None for g in gains):
-        return shape | {"reading": "peaks inside the range (one seed: no interval)"}
+        return shape | _reading("peak inside, one seed", "peaks inside the range (one seed: no interval)")
     if all(g.low is not None and g.low > 0 for g in gains):
-        return shape | {"reading": "rises then falls (the best beats both ends)"}
-    return shape | {"reading": "peaks inside the range, but not clearly above both ends (an interval spans zero)"}
+        return shape | _reading("rises then falls", "rises then falls (the best beats both ends)")
+    return shape | _reading(
+        "peak inside, within noise",
+        "peaks inside the range, but not clearly above both ends (an interval spans zero)",
+    )
+
+
+def _reading(shape: str, reading: str) -> dict:
+    """`shape`: a few words for the plot; `reading`: the sentence for results.md."""
+    return {"shape": shape, "reading": reading}
 
 
 def _gain(gain: Gain) -> dict:

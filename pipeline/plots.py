@@ -53,20 +53,21 @@ def training_curves(runs: dict[str, Sequence[Sequence[EpochLog]]], title: str, p
 def gains_chart(rows: list[dict], path: Path) -> None:
     """Linear top-1 gain over the baseline per setting and variant, with 95% intervals where n > 1."""
     gains = [r for r in rows if r["metric"] == "top1" and "gain" in r]
-    figure, axis = plt.subplots(figsize=(min(14.0, max(6.0, 0.9 * len(gains) + 2)), 4.5), constrained_layout=True)
+    figure, axis = plt.subplots(figsize=(min(14.0, max(7.0, 0.9 * len(gains) + 2)), 4.5), constrained_layout=True)
     positions = range(len(gains))
     errors = [
         [r["gain"] - r["gain_low"] if r["gain_low"] is not None else 0 for r in gains],
         [r["gain_high"] - r["gain"] if r["gain_high"] is not None else 0 for r in gains],
     ]
-    axis.bar(positions, [r["gain"] for r in gains], width=0.6, color="tab:blue", label="mean gain over seeds")
+    axis.bar(positions, [r["gain"] for r in gains], width=0.6, color="tab:blue")
     axis.errorbar(positions, [r["gain"] for r in gains], yerr=errors, fmt="none", ecolor="black", capsize=4)
-    axis.plot([], [], color="black", label="95% interval, paired by seed (Student t)")
     axis.axhline(0, color="black", linewidth=0.8)
     axis.set_xticks(list(positions), [f"{r['dataset']}\n{r['method']}\n{r['variant']}" for r in gains], fontsize=8)
     axis.set_ylabel("gain in top-1 (points)")
-    axis.set_title("Gain of each variant over its baseline: linear top-1, the paper's protocol")
-    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axis.set_title(
+        "Gain of each variant over its baseline, linear top-1 (the paper's protocol)\n"
+        "bars: mean over seeds; whiskers: 95% interval of the gain, paired by seed (Student t)"
+    )
     axis.grid(axis="y", alpha=0.3)
     _save(figure, path)
 
@@ -91,11 +92,12 @@ def bounds_scatter(bounds: dict, labels: dict[str, str], accuracies: dict[str, s
             axis.set(xlabel=f"{accuracy_label} (%)", ylabel=f"{bound_label} (nats)")
             axis.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours[f], label=f) for f in families]
-    figure.legend(handles=handles, title="projector family", loc="outside right upper")
+    figure.legend(handles=handles, title="projector family", loc="outside lower center", ncols=len(families))
     variants = len({p["variant"] for p in bounds["points"]})
     figure.suptitle(
-        f"Fig. 3: final bounds against top-1, {bounds['dataset']} {bounds['method']}: a point per cell ({variants} "
-        f"variants × {len(bounds['seeds'])} seeds); [95% interval]: bootstrap over variants, seeds kept together"
+        f"Fig. 3: final bounds against top-1, {bounds['dataset']} {bounds['method']}, a point per cell "
+        f"({variants} variants × {len(bounds['seeds'])} seeds)\n[95% interval]: bootstrap over the variants, "
+        "each with all its seeds"
     )
     _save(figure, path)
 
@@ -124,7 +126,8 @@ def ablation_curves(ablations: dict, knobs: dict[str, str], accuracies: dict[str
             curve = next(c for c in ablations["curves"] if (c["knob"], c["metric"]) == (knob, metric))
             _ablation_panel(axes[row][column], curve, seeds)
             axes[row][column].set(xlabel=knobs[knob], ylabel=f"{metric_label} (%)")
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=len(labels))
     figure.suptitle(
         f"Fig. 4 (c)-(e): top-1 against each knob, {ablations['dataset']} {ablations['method']}, mean ± std over "
         f"{seeds} seed{'s' if seeds > 1 else ''}"
@@ -136,15 +139,15 @@ def _ablation_panel(axis, curve: dict, seeds: int) -> None:
     x = [p["value"] for p in curve["points"]]
     mean = np.array([p["mean"] for p in curve["points"]])
     std = [p["std"] or 0.0 for p in curve["points"]]
-    axis.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"mean ± std ({seeds} seeds)")
+    axis.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"mean ± std over {seeds} seeds")
     base, untrained = curve["baseline"], curve["untrained"]
-    axis.axhline(base["mean"], color="tab:green", label="baseline")
+    axis.axhline(base["mean"], color="tab:green", label="baseline (band: ± 1 std)")
     if base["std"]:
         axis.axhspan(base["mean"] - base["std"], base["mean"] + base["std"], color="tab:green", alpha=0.12)
     axis.axhline(untrained["mean"], color="tab:red", linestyle=":", label="untrained encoder")
-    axis.plot([curve["best_value"]], [mean[x.index(curve["best_value"])]], "k*", markersize=12, label="best")
+    axis.plot([curve["best_value"]], [mean[x.index(curve["best_value"])]], "k*", markersize=12, label="best point")
     axis.set_xscale("log")
-    axis.set_title(curve["reading"], fontsize=8)
+    axis.set_title(curve["shape"])
     axis.grid(alpha=0.3)
 
 

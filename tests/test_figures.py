@@ -17,7 +17,7 @@ def test_figures_of_the_committed_params_plot_the_tables_variants_and_their_poin
     assert list(bounds.variants) == table + params.figures.bounds.points + params.figures.ablations.points
     assert list(ablations.variants) == table + params.figures.ablations.points  # each table variant: one knob alone
     assert (bounds.dataset, bounds.method, bounds.seeds) == ("cifar10", "simclr", (5, 6, 7))
-    assert len(bounds.cells()) == 3 * (4 + 6 + 12)
+    assert len(bounds.cells()) == 3 * (4 + 4 + 12)
 
 
 @pytest.mark.parametrize(
