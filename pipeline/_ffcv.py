@@ -19,6 +19,7 @@ finally:
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from ffcv.memory_managers.os_cache import OSCacheManager  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
 
 
 @numba.njit(
@@ -36,3 +37,16 @@ def _read(address, mem_state):
 # FFCV 1.0.2 compiles this same reader anew for every Loader (about 1.8 s each here); compiled once, cached on
 # disk (numba's cache: NUMBA_CACHE_DIR, else __pycache__), it costs milliseconds. Its body is FFCV's.
 OSCacheManager.compile_reader = lambda self: _read
+
+
+def _set_decoding_threads(cls, n: int) -> None:
+    """FFCV 1.0.2's Compiler.set_num_threads, less its `torch.set_num_threads(n)`: every Loader calls it (at
+    construction and every epoch) with its decoding thread count, so torch's intra-op threads, and with them the
+    rounding of CPU training (oneDNN and ATen split reductions by thread), would follow `loader_workers`. Torch's
+    threads are the run's own setting (`training.torch_threads`, set by `pipeline.runtime.on_device`)."""
+    assert n >= 1, f"{n} decoding threads: pipeline.loaders resolves -1 before FFCV sees it"
+    cls.num_threads = n
+    numba.set_num_threads(n)
+
+
+Compiler.set_num_threads = classmethod(_set_decoding_threads)

@@ -1,8 +1,12 @@
 """The SSL view augmentations of docs/method.md section 4, batched, with per-sample random parameters.
 
 Every random parameter is drawn per sample (torchvision's transforms on a batched tensor share one
-draw, which is wrong here) from a `torch.Generator`, so a run is reproducible from its seed. The ops
-follow torchvision's functional ops on float images (tests compare them image by image):
+draw, which is wrong here) from a `torch.Generator` seeded from the run's seed and epoch: the same
+draws on every run and device. What follows from that (docs/gpu.md): a CPU run of data cropped here
+(CIFAR, synthetic) repeats its numbers bit for bit on the same machine and thread count; a GPU run does
+not (cuDNN's algorithm choice and atomic additions in some backward kernels vary the rounding), and
+neither does any run of data the FFCV decoder crops (ImageNet-100: FFCV draws those crops unseeded).
+The ops follow torchvision's functional ops on float images (tests compare them image by image):
 
   random resized crop (antialiased bicubic or bilinear, as torchvision and PIL) + horizontal flip
   -> colour jitter (brightness, contrast, saturation, hue in a random order per sample) with p
@@ -129,13 +133,23 @@ def augment_numba(x: Tensor, spec: ViewSpec, d: Draws, mean: Tensor, std: Tensor
 
 
 def augment_torch(x: Tensor, spec: ViewSpec, d: Draws, mean: Tensor, std: Tensor) -> Tensor:
+    """The ops on the whole batch, each sample's own kept (`_where`). Work that cannot change the result is
+    skipped: the resize when the decoder already cropped to the output size (its matrices are then exactly
+    the identity, or the mirror), and an op whose probability is 0."""
     x = x.float().div_(255)
-    top, left, h, w = d.boxes.unbind(1)
-    x = resized_crop(x, top, left, h, w, d.flip, spec.size, spec.interpolation).clamp_(0, 1)
-    x = _where(d.apply[:, 0], color_jitter(x, d.factors, d.order), x)
-    x = _where(d.apply[:, 1], grayscale(x), x)
-    x = _where(d.apply[:, 2], gaussian_blur(x, d.sigma, spec.blur_size), x)
-    x = _where(d.apply[:, 3], solarize(x), x)
+    if spec.crop or x.shape[-2:] != (spec.size, spec.size):
+        top, left, h, w = d.boxes.unbind(1)
+        x = resized_crop(x, top, left, h, w, d.flip, spec.size, spec.interpolation).clamp_(0, 1)
+    else:
+        x = _where(d.flip, x.flip(-1), x)
+    if spec.jitter_p:
+        x = _where(d.apply[:, 0], color_jitter(x, d.factors, d.order), x)
+    if spec.grayscale_p:
+        x = _where(d.apply[:, 1], grayscale(x), x)
+    if spec.blur_p:
+        x = _where(d.apply[:, 2], gaussian_blur(x, d.sigma, spec.blur_size), x)
+    if spec.solarize_p:
+        x = _where(d.apply[:, 3], solarize(x), x)
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
@@ -236,18 +250,32 @@ def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
     return (f * x + (1 - f) * other).clamp_(0, 1)
 
 
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # the jitter ops, as indexed in Draws.factors and Draws.order
+
+
 def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
-    """torchvision's ColorJitter with per-sample factors (B, 4) applied in per-sample order (B, 4)."""
-    ops = (
-        lambda y, f: _blend(y, torch.zeros_like(y), f),
-        lambda y, f: _blend(y, grayscale(y).mean((1, 2, 3), keepdim=True), f),
-        lambda y, f: _blend(y, grayscale(y), f),
-        adjust_hue,
-    )
-    for step in range(4):
-        for op_index, op in enumerate(ops):
-            x = _where(order[:, step] == op_index, op(x, factors[:, op_index]), x)
+    """torchvision's ColorJitter with per-sample factors (B, 4) applied in per-sample order (B, 4).
+
+    Brightness, contrast and saturation are one blend with a per-sample target, so each step computes one blend
+    for the whole batch; each sample shifts its hue once, so the hue (an HSV round trip, the costly op) is
+    computed once: the blends before each sample's hue step, the hue, the blends after it."""
+    hue_step = (order == HUE).int().argmax(1)  # (B,)
+    for step in range(3):
+        x = _where(step < hue_step, _blend_step(x, factors, order[:, step]), x)
+    x = adjust_hue(x, factors[:, HUE])
+    for step in range(1, 4):
+        x = _where(step > hue_step, _blend_step(x, factors, order[:, step]), x)
     return x
+
+
+def _blend_step(x: Tensor, factors: Tensor, op: Tensor) -> Tensor:
+    """Each sample's brightness, contrast or saturation blend (`op`, (B,)); samples whose op is the hue get
+    an unused value."""
+    gray = grayscale(x)
+    op = op.view(-1, 1, 1, 1)
+    target = torch.where(op == CONTRAST, gray.mean((1, 2, 3), keepdim=True), 0.0)  # brightness: black
+    target = torch.where(op == SATURATION, gray, target)
+    return _blend(x, target, factors.gather(1, op.view(-1, 1)).view(-1))
 
 
 def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torchvision import transforms as T
 
 from pipeline.augment import augment
 from pipeline.datasets.splits import Split
-from pipeline.gpu_check import Trainer, synchronize
+from pipeline.harness import Trainer, seconds_per_call, synchronize
 from pipeline.loaders import ssl_loader
 from pipeline.mutual_info import matrix_mutual_info
 from pipeline.params import ViewParams
@@ -115,7 +115,7 @@ def step_seconds(run: Run, batch_size: int, steps: int, device: torch.device) ->
     trainer = Trainer(run, device)
     x = torch.randn(2, batch_size, 3, run.crop_size, run.crop_size, device=device)
     y = torch.randint(0, run.num_classes, (batch_size,), device=device)
-    return _seconds(lambda: trainer.step_on_views(x[0], x[1], y), steps, device)
+    return seconds_per_call(lambda: trainer.step_on_views(x[0], x[1], y), steps, device)
 
 
 def regularizer_seconds(run: Run, batch_size: int, repeats: int, device: torch.device) -> float:
@@ -124,14 +124,4 @@ def regularizer_seconds(run: Run, batch_size: int, repeats: int, device: torch.d
     out_dim = run.common.projector_out_dim
     h = torch.randn(2 * batch_size, feature_dim, device=device, requires_grad=True)
     z = torch.randn(2 * batch_size, out_dim, device=device, requires_grad=True)
-    return _seconds(lambda: matrix_mutual_info(h, z, run.common.renyi_alpha).backward(), repeats, device)
-
-
-def _seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    fn()  # warm up
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - start) / repeats
+    return seconds_per_call(lambda: matrix_mutual_info(h, z, run.common.renyi_alpha).backward(), repeats, device)

@@ -21,7 +21,7 @@ from ffcv.fields import IntField, RGBImageField
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
 
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import NO_ROOM, atomic_dir
 from pipeline.datasets import get_dataset
 from pipeline.datasets.download import file_digest
 from pipeline.datasets.image_tree import FileSplit, survey_tree
@@ -127,9 +127,7 @@ class _CheckedWriter(DatasetWriter):
                 ]
                 for p in workers:
                     p.start()
-                self._wait(workers, done, errors, interrupted)
-                allocation_list = [a for _ in workers for a in allocations.get()]
-                self.finalize(allocation_list)
+                self.finalize(self._wait(workers, done, allocations, errors, interrupted))
             finally:
                 for p in workers:
                     if p.pid is not None:  # started
@@ -139,22 +137,39 @@ class _CheckedWriter(DatasetWriter):
                 self.metadata_sm.close()
                 self.metadata_sm.unlink()
 
-    def _wait(self, workers: list[Process], done, errors: Queue, interrupted: Callable[[], bool]) -> None:
-        previous = 0
+    def _wait(
+        self, workers: list[Process], done, allocations: Queue, errors: Queue, interrupted: Callable[[], bool]
+    ) -> list:
+        """Show progress until every worker has sent its allocations (the last thing it does, after writing
+        its last page), and return them; stop on Ctrl-C, and as soon as a worker fails. FFCV read the
+        allocations only once every image was done: a worker that then failed writing its last page (a full
+        disk) left it waiting for them forever (issue 20)."""
+        previous, sent = 0, list[list]()
         with progress(self.description, self.num_samples, "images") as advance:
-            while previous < self.num_samples:
+            while len(sent) < len(workers):
                 if interrupted():
                     raise KeyboardInterrupt
                 if failed := [p.exitcode for p in workers if p.exitcode not in (None, 0)]:
-                    try:
-                        reason = errors.get(timeout=5)
-                    except queue.Empty:
-                        reason = f"a worker process exited with code {failed[0]}"
-                    raise UserError(f"writing {self.fname} failed: {reason}")
+                    raise self._failure(errors, failed[0])
+                try:
+                    sent.append(allocations.get(timeout=0.05))
+                except queue.Empty:
+                    pass
                 current = done.value
                 advance(current - previous)
                 previous = current
-                time.sleep(0.05)
+        return [allocation for worker in sent for allocation in worker]
+
+    def _failure(self, errors: Queue, exitcode: int) -> Exception:
+        """The error of a failed worker: an OSError naming the file when the write found no room (see
+        `pipeline.atomic`), else a UserError with the worker's message."""
+        try:
+            code, reason = errors.get(timeout=5)
+        except queue.Empty:
+            code, reason = None, f"a worker process exited with code {exitcode}"
+        if code in NO_ROOM:
+            return OSError(code, os.strerror(code), self.fname)
+        return UserError(f"writing {self.fname} failed: {reason}")
 
 
 @contextmanager
@@ -181,8 +196,8 @@ def _report_errors(work_fn: Callable, errors: Queue, *args) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         work_fn(*args)
-    except Exception as e:  # crosses a process boundary: any failure must reach the parent as text
-        errors.put(str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
+    except Exception as e:  # crosses a process boundary: any failure must reach the parent, as errno and text
+        errors.put((getattr(e, "errno", None), str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"))
         raise SystemExit(1) from None
 
 
@@ -238,6 +253,5 @@ def _stored_shape(shape: list[int] | None, max_resolution: int | None) -> list[i
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of (n, H, W, 3) uint8 images scaled to [0, 1], in bounded memory."""
     moments = ChannelMoments()
-    for chunk in np.array_split(images, max(1, len(images) // 4096)):
-        moments.add(chunk)
+    moments.add(images)
     return moments.result()

@@ -1,10 +1,13 @@
-"""Reading checkpoints safely: tensors and plain containers only, never arbitrary pickled objects."""
+"""Checkpoints: written so that a failed write names its cause; read safely (tensors and plain containers
+only, never arbitrary pickled objects)."""
 
 import pickle
 import zipfile
 from pathlib import Path
+from typing import IO, cast
 
 import torch
+from torch import Tensor
 
 from pipeline.errors import UserError
 
@@ -27,3 +30,40 @@ def load_checkpoint(path: Path, remedy: str) -> dict:
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path}: not a checkpoint of this pipeline (no model weights); {remedy}")
     return state
+
+
+def encoder_weights(state: dict) -> dict[str, Tensor]:
+    """The backbone's tensors in a checkpoint's model weights, named as in `ResNet18` (and torchvision)."""
+    return {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """`torch.save(state, path)`, raising the OSError of a failed write (a full disk: ENOSPC). torch catches
+    it inside its zip writer and raises "RuntimeError: ... unexpected pos ..." instead, which names neither
+    the file nor the cause."""
+    with open(path, "wb") as f:
+        writer = _Writes(f)
+        try:
+            torch.save(state, cast(IO[bytes], writer))
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
+class _Writes:
+    """A file's `write` and `flush` that remember the OSError a write raised."""
+
+    def __init__(self, file: IO[bytes]):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()

@@ -2,28 +2,39 @@
 
 Each function takes a run (pipeline.run) and plain values and returns a dict of numbers for the JSON report.
 Inputs are random uint8 images already on the device, augmented there (pipeline.augment's torch path) as
-pretraining does: no dataset and no FFCV are needed, except by `loader_rate`.
+pretraining does (pipeline.harness): no dataset and no FFCV are needed, except by `loader_rate`. What needs
+several processes or a process group is in pipeline.gpu_check_distributed.
 """
 
 import copy
 import dataclasses
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.augment import augment_torch, draw
+from pipeline.augment import ViewSpec, augment
+from pipeline.fit import train
+from pipeline.harness import (
+    Trainer,
+    augment_views,
+    cudnn_flags,
+    images_per_second,
+    launches,
+    random_batch,
+    seconds_per_call,
+    synchronize,
+)
 from pipeline.metrics import DatasetMetrics
-from pipeline.model import build_model, make_optimizer
+from pipeline.model import LOSSES, build_backbone, build_model
 from pipeline.optim import warmup_cosine
-from pipeline.params import UNIT_ROUNDOFF, Params
+from pipeline.params import UNIT_ROUNDOFF, OptimizerParams, Params, ProtocolParams, ViewParams
 from pipeline.run import Run, make_run
-from pipeline.step import LOGGED, Forward, backward, forward, gradient_ratio
+from pipeline.runtime import autocast, prepare_convolutions
+from pipeline.step import LOGGED, forward
 
 
 def check_run(params: Params, dataset: str, method: str, variant: str, width: int | None, precision: str) -> Run:
@@ -48,103 +59,11 @@ def check_run(params: Params, dataset: str, method: str, variant: str, width: in
     return dataclasses.replace(run, precision=precision, common=common)
 
 
-def random_batch(run: Run, batch_size: int, device: torch.device, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """uint8 images (N, 3, S, S) as the loader gives them (S: the crop size; the decoder crops ImageNet) and labels."""
-    generator = torch.Generator(device).manual_seed(seed)
-    images = torch.randint(
-        0, 256, (batch_size, 3, run.crop_size, run.crop_size), dtype=torch.uint8, device=device, generator=generator
-    )
-    return images, torch.randint(0, run.num_classes, (batch_size,), device=device, generator=generator)
-
-
-def augment_views(
-    run: Run,
-    images: Tensor,
-    generator: torch.Generator,
-    stats: tuple[Tensor, Tensor],
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> tuple[Tensor, Tensor]:
-    """The two augmented, normalized float32 views of uint8 `images`, as pretraining makes them on a GPU;
-    `stats`: run.stats(device), made once (a copy to the device per step would make the host wait)."""
-    n, hw = len(images), (images.shape[-2], images.shape[-1])
-    a, b = (
-        augment_torch(images, view, draw(n, hw, view, generator), *stats).contiguous(memory_format=memory_format)
-        for view in run.views()
-    )
-    return a, b
-
-
-class Trainer:
-    """A cell's model and LARS, and pretraining's step: both views augmented on the device, forward, backward, LARS."""
-
-    def __init__(
-        self, run: Run, device: torch.device, channels_last: bool = False, compiled: bool = False, seed: int = 0
-    ):
-        torch.manual_seed(seed)
-        self.run, self.device = run, device
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = build_model(run).to(device).to(memory_format=self.memory_format)
-        self.trained = cast(nn.Module, torch.compile(self.model)) if compiled else self.model
-        self.optimizer = make_optimizer(self.model, run)
-        self.set_lr(1.0)
-        self.parameters = list(self.model.parameters())
-        self.generator = torch.Generator(device).manual_seed(seed)
-        self.stats = run.stats(device)
-
-    def set_lr(self, fraction: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = fraction * group["base_lr"]
-
-    def augment(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        return augment_views(self.run, images, self.generator, self.stats, self.memory_format)
-
-    def step(self, images: Tensor, y: Tensor, ratio: bool = False) -> tuple[Forward, Tensor | None]:
-        """One step from uint8 images; with `ratio`, also the regularizer's gradient ratio (an epoch's first step)."""
-        return self.step_on_views(*self.augment(images), y, ratio)
-
-    def step_on_views(self, x_a: Tensor, x_b: Tensor, y: Tensor, ratio: bool = False) -> tuple[Forward, Tensor | None]:
-        """One step from the two augmented, normalized views."""
-        out = forward(self.trained, self.run, x_a, x_b, y)
-        measured = gradient_ratio(out, self.run) if ratio else None
-        self.optimizer.zero_grad(set_to_none=True)
-        backward(out, self.run, self.parameters)
-        self.optimizer.step()
-        return out, measured
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def images_per_second(
-    step: Callable[[], object],
-    batch_size: int,
-    device: torch.device,
-    seconds: float,
-    warmup: int = 3,
-    ready: Callable[[], None] = lambda: None,
-) -> dict:
-    """Images/s of `step` over about `seconds`, after `warmup` steps and `ready()` (a barrier); the host never
-    waits for the device inside the timed loop, only once at its end."""
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    ready()
-    start, steps = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        step()
-        steps += 1
-    synchronize(device)
-    elapsed = time.perf_counter() - start
-    return {"images_per_s": steps * batch_size / elapsed, "steps": steps, "step_ms": 1000 * elapsed / steps}
-
-
 def step_rate(
     run: Run, batch_size: int, device: torch.device, seconds: float, channels_last: bool = False, compiled: bool = False
 ) -> dict:
     """Training images/s of the full step (augmentation included); compiled: also the first step's seconds."""
-    trainer = Trainer(run, device, channels_last, compiled)
+    trainer = Trainer(run, device, channels_last, _compiled if compiled else None)
     images, y = random_batch(run, batch_size, device)
     start = time.perf_counter()
     trainer.step(images, y)
@@ -154,11 +73,89 @@ def step_rate(
     return result | {"first_step_s": first}
 
 
+def _compiled(model: nn.Module) -> nn.Module:
+    return cast(nn.Module, torch.compile(model))
+
+
 def augmentation_rate(run: Run, batch_size: int, device: torch.device, seconds: float) -> dict:
-    """Images/s of the device augmentation of both views (pipeline.augment's torch path)."""
+    """Images/s of the device augmentation of both views (pipeline.augment's torch path), at the run's crop size."""
     images, _ = random_batch(run, batch_size, device)
     generator, stats = torch.Generator(device).manual_seed(0), run.stats(device)
-    return images_per_second(lambda: augment_views(run, images, generator, stats), batch_size, device, seconds)
+    rate = images_per_second(lambda: augment_views(run, images, generator, stats), batch_size, device, seconds)
+    return rate | {"size_px": run.crop_size, "batch_size": batch_size}
+
+
+def lars_launches(run: Run, batch_size: int, device: torch.device, channels_last: bool, repeats: int = 20) -> dict:
+    """LARS's step over the run's model (pipeline.optim) after a training step: what one step launches
+    (harness.launches: on CUDA, `cuda_kernels`) and its milliseconds."""
+    trainer = Trainer(run, device, channels_last)
+    images, y = random_batch(run, batch_size, device)
+    trainer.step(images, y)  # gradients, and the momentum buffers' first step
+    counted = launches(trainer.optimizer.step, device)
+    step_ms = 1000 * seconds_per_call(trainer.optimizer.step, repeats, device)
+    return {"parameter_tensors": len(trainer.parameters), **counted, "step_ms": step_ms}
+
+
+def loss_precision_cost(run: Run, batch_size: int, device: torch.device, repeats: int) -> dict:
+    """Milliseconds of the SSL loss's forward and backward on a step's projections (two (batch, out_dim) bf16
+    tensors, as the projector gives them under autocast): under bf16 autocast, and in fp32 from z.float()
+    outside autocast (issue 18 item 5)."""
+    loss = LOSSES[run.method](run.common)
+    z = torch.randn(2, batch_size, run.common.projector_out_dim, device=device, generator=_generator(device))
+    z_a, z_b = (v.bfloat16().requires_grad_() for v in z)
+
+    def bf16() -> None:
+        with autocast("bf16", device.type):
+            value = loss(z_a, z_b)
+        value.backward()
+
+    bf16_ms = 1000 * seconds_per_call(bf16, repeats, device)
+    fp32_ms = 1000 * seconds_per_call(lambda: loss(z_a.float(), z_b.float()).backward(), repeats, device)
+    return {"shape": list(z.shape), "bf16_ms": bf16_ms, "fp32_ms": fp32_ms, "fp32_over_bf16": fp32_ms / bf16_ms}
+
+
+def finetune_rate(
+    run: Run,
+    setting: ProtocolParams,
+    view: ViewParams,
+    optimizer: OptimizerParams,
+    device: torch.device,
+    *,
+    batch_size: int,
+    seconds: float,
+    channels_last: bool,
+) -> dict:
+    """Images/s of the `finetune` protocol's training (pipeline.fit.train, as linear evaluation runs it: encoder
+    and classifier on crops + flips made on the device, the run's precision, prepare_convolutions' layout and
+    cuDNN settings) over about `seconds`."""
+    with cudnn_flags(benchmark=torch.backends.cudnn.benchmark):  # restores what prepare_convolutions sets
+        memory_format = prepare_convolutions(channels_last, device)
+        backbone = build_backbone(run)
+        model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, run.num_classes))
+        model = model.to(device).to(memory_format=memory_format)
+        spec = ViewSpec.from_params(view, run.crop_size, crop=not run.decoder_crops)
+        images, y = random_batch(run, batch_size, device)
+        stats, generator = run.stats(device), _generator(device)
+        fit = setting.model_copy(update={"epochs": 1, "batch_size": batch_size})
+
+        def seconds_of(steps: int) -> float:
+            def batches(epoch: int):
+                for _ in range(steps):
+                    yield augment(images, spec, *stats, generator).contiguous(memory_format=memory_format), y
+
+            start = time.perf_counter()
+            train(model, batches, steps, fit, optimizer, run.precision, "finetune")
+            synchronize(device)
+            return time.perf_counter() - start
+
+        warm = seconds_of(3) / 3  # cuDNN's timing of its algorithms included: an overestimate
+        steps = max(3, int(seconds / warm))
+        elapsed = seconds_of(steps)
+    return {"images_per_s": steps * batch_size / elapsed, "steps": steps, "step_ms": 1000 * elapsed / steps}
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    return torch.Generator(device).manual_seed(0)
 
 
 def peak_memory(run: Run, batch_size: int, device: torch.device, channels_last: bool) -> int:
@@ -178,18 +175,20 @@ def peak_memory(run: Run, batch_size: int, device: torch.device, channels_last: 
 
 def precision_drift(run: Run, batch_size: int, device: torch.device, steps: int, channels_last: bool) -> dict:
     """bf16 against fp32 from one seed on the same batches: the logged values (SSL loss, I(Z1;Z2), ...) step by
-    step, with the learning rate's warmup and cosine over `steps` steps."""
+    step, with the learning rate's warmup and cosine over `steps` steps. fp32 is IEEE fp32: cuDNN's TF32
+    convolutions (on by default) are turned off."""
     logged, ratios = {}, {}
     for precision in ("fp32", "bf16"):
         trainer = Trainer(dataclasses.replace(run, precision=precision), device, channels_last)
         rows = []
-        for step in range(steps):
-            trainer.set_lr(warmup_cosine(step, steps, steps // 5, 1.0, run.optimizer.warmup_start_lr))
-            images, y = random_batch(run, batch_size, device, seed=step % 4)  # a pool of 4 batches
-            out, ratio = trainer.step(images, y, ratio=step == 0)
-            if step == 0:
-                ratios[precision] = ratio
-            rows.append(out.logged)
+        with cudnn_flags(allow_tf32=False):
+            for step in range(steps):
+                trainer.set_lr(warmup_cosine(step, steps, steps // 5, 1.0, run.optimizer.warmup_start_lr))
+                images, y = random_batch(run, batch_size, device, seed=step % 4)  # a pool of 4 batches
+                out, ratio = trainer.step(images, y, ratio=step == 0)
+                if step == 0:
+                    ratios[precision] = ratio
+                rows.append(out.logged)
         logged[precision] = torch.stack(rows).double().cpu()  # (steps, len(LOGGED))
     fp32, bf16 = logged["fp32"], logged["bf16"]
     relative = (bf16 - fp32).abs() / fp32.abs().clamp(min=1e-12)
@@ -231,103 +230,13 @@ def layout_gradient_errors(
 
     reference = gradient(torch.float64, torch.contiguous_format)
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-    allowed = torch.backends.cudnn.allow_tf32
     errors = {}
-    try:
-        for on in tf32:
-            torch.backends.cudnn.allow_tf32 = on
+    for on in tf32:
+        with cudnn_flags(allow_tf32=on):
             for layout in layouts:
                 g = gradient(torch.float32, formats[layout])
                 errors[f"{layout}{'_tf32' if on else ''}"] = ((g - reference).norm() / reference.norm()).item()
-    finally:
-        torch.backends.cudnn.allow_tf32 = allowed
     return {"relative_error_vs_float64": errors, "batch_size": batch_size}
-
-
-def sync_free_step(run: Run, batch_size: int, device: torch.device, channels_last: bool) -> dict:
-    """One training step (with the gradient ratio) under torch.cuda.set_sync_debug_mode("error"): any operation
-    that makes the host wait for the GPU raises. Warmed up first (first calls copy constants to the device)."""
-    trainer = Trainer(run, device, channels_last)
-    images, y = random_batch(run, batch_size, device)
-    trainer.step(images, y, ratio=True)
-    synchronize(device)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        trainer.step(images, y, ratio=True)
-    except RuntimeError as e:  # what sync debug mode raises
-        return {"sync_free": False, "error": str(e).splitlines()[0]}
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    return {"sync_free": True}
-
-
-def distributed_smoke(run: Run, batch_size: int, device: torch.device, port: int) -> dict:
-    """A world-size-1 NCCL group: autograd all_gather (SimCLR's keys); the SyncBatchNorm function itself (which
-    nn.SyncBatchNorm skips at world size 1) against plain batch norm, and whether it makes the host wait; one
-    step of `run` under DDP with SyncBatchNorm (as pretraining wraps it) against the same step without."""
-    import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_nn
-    from torch.nn.modules._functions import SyncBatchNorm as SyncBatchNormFunction
-
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=device)
-    try:
-        x = torch.randn(8, 4, device=device, requires_grad=True)
-        gathered = torch.cat(dist_nn.all_gather(x))
-        (gathered * 2).sum().backward()
-        result = {
-            "all_gather_ok": torch.equal(gathered, x)
-            and x.grad is not None
-            and torch.equal(x.grad, torch.full_like(x, 2))
-        }
-
-        h = torch.randn(16, 8, 4, 4, device=device, requires_grad=True)
-        weight = torch.rand(8, device=device, requires_grad=True)
-        bias = torch.rand(8, device=device, requires_grad=True)
-
-        def sync_batch_norm() -> Tensor:
-            return SyncBatchNormFunction.apply(
-                h,
-                weight,
-                bias,
-                torch.zeros(8, device=device),
-                torch.ones(8, device=device),
-                1e-5,
-                0.1,
-                dist.group.WORLD,
-                1,
-            )
-
-        synced, plain = sync_batch_norm(), F.batch_norm(h, None, None, weight, bias, training=True, eps=1e-5)
-        grads = [torch.autograd.grad(out.square().sum(), (h, weight, bias)) for out in (synced, plain)]
-        result["sync_batch_norm_max_abs_diff"] = max(
-            [(synced - plain).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(*grads)]
-        )
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            sync_batch_norm()
-            result["sync_batch_norm_waits_for_host"] = False
-        except RuntimeError:
-            result["sync_batch_norm_waits_for_host"] = True
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        return result | {"ddp_step_max_relative_diff": _ddp_step_difference(run, batch_size, device)}
-    finally:
-        dist.destroy_process_group()
-
-
-def _ddp_step_difference(run: Run, batch_size: int, device: torch.device) -> float:
-    """Largest relative difference of the parameters after one step with and without DDP + SyncBatchNorm."""
-    images, y = random_batch(run, batch_size, device)
-    plain, wrapped = Trainer(run, device), Trainer(run, device)
-    wrapped.trained = torch.nn.parallel.DistributedDataParallel(
-        torch.nn.SyncBatchNorm.convert_sync_batchnorm(wrapped.model), device_ids=[device.index]
-    )
-    for trainer in (plain, wrapped):
-        trainer.step(images, y)
-    return max(
-        ((a - b).norm() / a.norm().clamp(min=1e-12)).item()
-        for a, b in zip(plain.model.parameters(), wrapped.model.parameters())
-    )
 
 
 def loader_rate(

@@ -12,29 +12,25 @@ evaluated on plain images (ImageNet: resize 256, center crop 224). Beside it, al
 
 import functools
 import logging
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.augment import ViewSpec, augment
 from pipeline.backbones import ResNet18
-from pipeline.checkpoint import load_checkpoint
+from pipeline.checkpoint import encoder_weights, load_checkpoint
 from pipeline.errors import UserError
+from pipeline.fit import Batches, train
 from pipeline.knn import knn_scores, topk_accuracy
 from pipeline.loaders import eval_loader, ssl_loader
 from pipeline.metrics import LinearEvalMetrics
 from pipeline.model import build_backbone, initial_backbone
-from pipeline.optim import LARS, SGD, warmup_cosine
 from pipeline.params import UNTRAINED, FitParams, LinearEvalParams, OptimizerParams, ProtocolParams
-from pipeline.progress import progress
 from pipeline.run import Run
-from pipeline.runtime import autocast, seconds_since_start
+from pipeline.runtime import autocast, prepare_convolutions, seconds_since_start
 
 log = logging.getLogger(__name__)
-Batches = Callable[[int], Iterable[tuple[Tensor, Tensor]]]  # epoch -> (inputs, labels) batches
 
 
 @functools.cache
@@ -49,9 +45,8 @@ def load_backbone(run: Run, checkpoint: Path | None) -> ResNet18:
         return initial_backbone(run)
     state = load_checkpoint(checkpoint, "pass the checkpoint.pt a pretraining run wrote")
     backbone = build_backbone(run)
-    weights = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
     try:
-        backbone.load_state_dict(weights)
+        backbone.load_state_dict(encoder_weights(state))
     except RuntimeError as e:
         raise UserError(
             f"{checkpoint}: its encoder does not fit pretrain.{run.dataset}.{run.method}.common "
@@ -68,10 +63,13 @@ def linear_eval(
     optimizer: OptimizerParams,
     device: torch.device,
     workers: int = -1,
+    channels_last: bool = False,
 ) -> LinearEvalMetrics:
     """The three evaluations of `backbone` on the test split of `data`; a finetuned backbone is changed in place.
-    `workers`: loader threads (FFCV sets torch's threads to the same number)."""
-    backbone = backbone.to(device)
+    `workers`: loader threads (FFCV sets torch's threads to the same number); `channels_last`: as pretraining's
+    `training.channels_last` (CUDA only)."""
+    memory_format = prepare_convolutions(channels_last, device)
+    backbone = backbone.to(device).to(memory_format=memory_format)  # eval images come channels_last from FFCV
     setting: ProtocolParams = getattr(getattr(params, run.dataset), run.method)
     mean, std = run.stats(device)
     frozen: dict[str, tuple[Tensor, Tensor]] = {
@@ -89,7 +87,7 @@ def linear_eval(
     knn = knn_scores(
         *frozen["train"], frozen["test"][0], run.num_classes, k=params.knn.k, temperature=params.knn.temperature
     )
-    probe = _fit(
+    probe = train(
         _classifier(backbone, run, device),
         *feature_batches(*frozen["train"], params.probe, run, device),
         params.probe,
@@ -99,7 +97,7 @@ def linear_eval(
     )
     with torch.no_grad():
         probe_scores = probe(frozen["test"][0].to(device)).cpu()
-    top1, top5 = _protocol(run, backbone, setting, params, optimizer, data, frozen, device, workers)
+    top1, top5 = _protocol(run, backbone, setting, params, optimizer, data, frozen, device, workers, memory_format)
     result = LinearEvalMetrics(
         dataset=run.dataset,
         method=run.method,
@@ -136,11 +134,12 @@ def _protocol(
     frozen: dict[str, tuple[Tensor, Tensor]],
     device: torch.device,
     workers: int,
+    memory_format: torch.memory_format,
 ) -> tuple[float, float]:
     """Top-1 and top-5 test accuracy of the paper's protocol."""
     classifier = _classifier(backbone, run, device)
     if setting.protocol == "features":
-        _fit(
+        train(
             classifier,
             *feature_batches(*frozen["train"], setting, run, device),
             setting,
@@ -152,10 +151,12 @@ def _protocol(
             logits = classifier(frozen["test"][0].to(device)).cpu()
         return topk_accuracy(logits, frozen["test"][1], 1), topk_accuracy(logits, frozen["test"][1], 5)
     view = ViewSpec.from_params(params.view, run.crop_size, crop=not run.decoder_crops)
-    batches, steps = augmented_batches(run, view, data / "train.beton", setting.batch_size, device, workers)
+    batches, steps = augmented_batches(
+        run, view, data / "train.beton", setting.batch_size, device, workers, memory_format
+    )
     if setting.protocol == "finetune":
         model = nn.Sequential(backbone, classifier)
-        _fit(model, batches, steps, setting, optimizer, run.precision, "finetune")
+        train(model, batches, steps, setting, optimizer, run.precision, "finetune")
     else:
 
         def features(epoch: int):
@@ -165,7 +166,7 @@ def _protocol(
                     h = backbone(x)
                 yield h.float(), y
 
-        _fit(classifier, features, steps, setting, optimizer, "fp32", "augmented protocol")
+        train(classifier, features, steps, setting, optimizer, "fp32", "augmented protocol")
     mean, std = run.stats(device)
     test = extract_features(
         backbone,
@@ -214,7 +215,13 @@ def feature_batches(
 
 
 def augmented_batches(
-    run: Run, view: ViewSpec, path: Path, batch_size: int, device: torch.device, workers: int
+    run: Run,
+    view: ViewSpec,
+    path: Path,
+    batch_size: int,
+    device: torch.device,
+    workers: int,
+    memory_format: torch.memory_format,
 ) -> tuple[Batches, int]:
     """Normalized random resized crops + flips of the train images, drawn anew each epoch."""
     loader = ssl_loader(
@@ -232,56 +239,6 @@ def augmented_batches(
         loader.set_epoch(epoch)
         generator = torch.Generator(device).manual_seed(run.epoch_seed(epoch))
         for x, y in loader:
-            yield augment(x, view, mean, std, generator), y
+            yield augment(x, view, mean, std, generator).contiguous(memory_format=memory_format), y
 
     return batches, len(loader)
-
-
-def _fit(
-    model: nn.Module,
-    batches: Batches,
-    steps_per_epoch: int,
-    fit: FitParams,
-    optimizer: OptimizerParams,
-    precision: str,
-    description: str,
-) -> nn.Module:
-    """Train `model` with cross-entropy for `fit.epochs` epochs of `batches(epoch)`; return it in eval mode."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    lr = fit.base_lr * fit.batch_size / 256
-    if fit.optimizer == "lars":
-        opt: SGD = LARS(
-            parameters,
-            lr=lr,
-            momentum=optimizer.momentum,
-            weight_decay=fit.weight_decay,
-            eta=optimizer.eta,
-            clip_lr=optimizer.clip_lr,
-            exclude_bias_n_norm=optimizer.exclude_bias_n_norm,
-        )
-    else:
-        opt = SGD(parameters, lr=lr, momentum=optimizer.momentum, weight_decay=fit.weight_decay)
-    total = fit.epochs * steps_per_epoch
-    device_type = next(model.parameters()).device.type
-    with progress(description, total, "steps") as advance:
-        for epoch in range(fit.epochs):
-            model.train()
-            for step, (x, y) in enumerate(batches(epoch)):
-                for group in opt.param_groups:
-                    group["lr"] = scheduled_lr(
-                        epoch * steps_per_epoch + step, steps_per_epoch, fit, lr, optimizer.warmup_start_lr
-                    )
-                with autocast(precision, device_type):
-                    loss = F.cross_entropy(model(x).float(), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                advance(1)
-    return model.eval()
-
-
-def scheduled_lr(step: int, steps_per_epoch: int, fit: FitParams, lr: float, warmup_start_lr: float) -> float:
-    if fit.schedule == "step":
-        return lr * 0.1 ** sum(step >= epoch * steps_per_epoch for epoch in fit.lr_decay_epochs)
-    start = warmup_start_lr if fit.warmup_epochs else lr  # as solo-learn
-    return warmup_cosine(step, fit.epochs * steps_per_epoch, fit.warmup_epochs * steps_per_epoch, lr, start)

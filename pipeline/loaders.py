@@ -7,9 +7,11 @@ that run on the device batch come after (see the pretraining code).
 import pipeline._ffcv  # noqa: F401  (before any FFCV import: FFCV's fast import)
 
 # isort: split
+import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.decoders import (
@@ -26,6 +28,9 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
 
 from pipeline.errors import UserError
+from pipeline.runtime import cpu_share
+
+log = logging.getLogger(__name__)
 
 CENTER_CROP_RATIO = 224 / 256  # eval: resize 256, center crop 224 (docs/method.md section 4.1)
 # FFCV compiles each loader's decoding pipeline with numba: about 2-3 s per loader on the 2-core machine.
@@ -181,11 +186,23 @@ def eval_loader(
     return Batches(loader, ("image", "label"))
 
 
-def _loader(path: Path, jit_min_images: int, **options) -> Loader:
-    """An FFCV Loader, its pipeline compiled only for splits of at least `jit_min_images` images."""
+def decoding_threads(workers: int) -> int:
+    """FFCV's decoding threads for `training.loader_workers`: -1 is this process's share of the CPUs
+    (`pipeline.runtime.cpu_share`); a count above the CPUs numba may use here is lowered to them (numba refuses
+    more). Speed only: every sample's bytes and random draws are the same whatever the count."""
+    limit = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # the CPUs this process may use at import
+    threads = min(cpu_share() if workers == -1 else workers, limit)
+    if threads < workers:
+        log.info("loader_workers %d: this process may use %d CPUs; decoding with %d threads", workers, limit, threads)
+    return threads
+
+
+def _loader(path: Path, jit_min_images: int, num_workers: int, **options) -> Loader:
+    """An FFCV Loader with `decoding_threads(num_workers)`, its pipeline compiled only for splits of at least
+    `jit_min_images` images."""
     header = np.fromfile(path, dtype=HeaderType, count=1)
     Compiler.set_enabled(len(header) == 0 or int(header[0]["num_samples"]) >= jit_min_images)
-    return Loader(str(path), **options)
+    return Loader(str(path), num_workers=decoding_threads(num_workers), **options)
 
 
 def _to_torch(device: torch.device) -> list:

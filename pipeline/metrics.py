@@ -7,6 +7,7 @@ from typing import TypeVar
 
 from pydantic import Field, ValidationError, model_validator
 
+from pipeline.atomic import atomic_file
 from pipeline.errors import UserError
 from pipeline.params import DatasetName, MethodName, Strict
 
@@ -26,8 +27,8 @@ class CellMetrics(Strict):
         return self.dataset, self.method, self.variant, self.seed
 
 
-class EpochLog(Strict):
-    """One row of a run's log.csv: per-epoch averages of the docs/method.md 3.3 quantities, and training facts."""
+class EpochValues(Strict):
+    """Per-epoch averages of the docs/method.md 3.3 quantities and the online accuracies: what compares runs."""
 
     epoch: int = Field(ge=1)
     ssl_loss: float
@@ -42,6 +43,11 @@ class EpochLog(Strict):
     upper_bound: float = Field(description="H(Z1) − I(Z1;Z2) (the paper drops I(Y;Z2)).")
     mi_grad_ratio: float = Field(ge=0, description="‖λ·∂I(Z1;Z2)/∂h‖ / ‖∂L_ssl/∂h‖ on the epoch's first batch.")
     online_test_acc: float = Field(ge=0, le=1)
+
+
+class EpochLog(EpochValues):
+    """One row of a run's log.csv: the epoch's values, and training facts (the learning rate, the speed)."""
+
     lr: float
     images_per_s: float
 
@@ -49,8 +55,9 @@ class EpochLog(Strict):
 COLUMNS = tuple(EpochLog.model_fields)  # log.csv's columns; plots and dvc.yaml's plot keys name some of them
 
 
-class PretrainMetrics(EpochLog, CellMetrics):
-    """`pretrain`: the last epoch's row, and what decides whether the regularizer could act."""
+class PretrainMetrics(EpochValues, CellMetrics):
+    """`pretrain`: the last epoch's values, and what decides whether the regularizer could act. A DVC metric:
+    no speed or machine here (those are in the stage's `pipeline.provenance` record)."""
 
     epochs: int
     precision: str
@@ -115,6 +122,12 @@ def read(path: Path, schema: type[S]) -> S:
         raise UserError(f"{path}: not a valid {schema.__name__} file: {problems[0]}{more}") from None
 
 
+def write(path: Path, result: Strict) -> None:
+    """`result` as indented JSON at `path`, complete or not at all."""
+    with atomic_file(path) as staging:
+        staging.write_text(result.model_dump_json(indent=2) + "\n")
+
+
 def read_metadata(path: Path) -> DatasetMetrics:
     """A dataset's metadata JSON, written by `convert` and read by the stages that train on the dataset."""
     try:
@@ -125,6 +138,8 @@ def read_metadata(path: Path) -> DatasetMetrics:
 
 def collect(directory: Path, schema: type[C], cells: list[tuple]) -> dict[tuple, C]:
     """The metrics of exactly `cells`, from the JSON files in `directory` (others are ignored)."""
+    if not directory.is_dir():
+        raise UserError(f"{directory}: no such folder (the metrics of {len(cells)} cell(s) are read from it)")
     found = {m.cell: m for m in (read(p, schema) for p in sorted(directory.glob("*.json")))}
     if missing := [c for c in cells if c not in found]:
         raise UserError(f"{directory}: no metrics for {len(missing)} cell(s), e.g. {'-'.join(map(str, missing[0]))}")

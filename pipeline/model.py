@@ -3,6 +3,7 @@
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -15,7 +16,11 @@ from pipeline.params import BarlowTwinsCommon, SimclrCommon
 from pipeline.projectors import Projector, build_head
 from pipeline.run import Run
 
-Loss = Callable[[Tensor, Tensor], Tensor]
+
+class Loss(Protocol):
+    """A method's SSL loss of the two views (pipeline.losses), combined across ranks unless `distributed` is False."""
+
+    def __call__(self, z_a: Tensor, z_b: Tensor, *, distributed: bool = True) -> Tensor: ...
 
 
 def _simclr(common: SimclrCommon | BarlowTwinsCommon) -> Loss:
@@ -32,6 +37,10 @@ LOSSES: dict[str, Callable[[SimclrCommon | BarlowTwinsCommon], Loss]] = {
     "simclr": _simclr,
     "barlow_twins": _barlow_twins,
 }
+# Methods whose training depends on the number of processes W: Barlow Twins normalizes each rank's batch alone and
+# its gradient is 1/W of a single process's, as the reference (docs/method.md 3.2). A checkpoint of theirs resumes
+# only with the W it was trained with.
+DEPENDS_ON_WORLD_SIZE = frozenset({"barlow_twins"})
 
 
 class SSLModel(nn.Module):
@@ -107,11 +116,12 @@ def initial_backbone(run: Run) -> ResNet18:
 
 
 def mi_z1_r_estimate(run: Run, loss: Loss, h_a: Tensor, h_b: Tensor) -> Tensor:
-    """The estimate of I(Z1;R) the paper's bounds use, from the encoder features of the two views (nats).
+    """The estimate of I(Z1;R) the paper's bounds use, from the encoder features of the two views of the global
+    batch (gathered from every rank: the loss of these tensors alone, as one process computes it), in nats.
 
-    SimCLR: the InfoNCE lower bound log(K) − L(h_a, h_b), K = 2·batch − 1 candidates per anchor (the global
-    batch: keys are gathered across GPUs). Barlow Twins has no such bound: −L(h_a, h_b), the reference's proxy.
+    SimCLR: the InfoNCE lower bound log(K) − L(h_a, h_b), K = 2·batch − 1 candidates per anchor. Barlow Twins has
+    no such bound: −L(h_a, h_b), the reference's proxy.
     """
     if run.method == "simclr":
-        return math.log(2 * run.common.batch_size - 1) - loss(h_a, h_b)
-    return -loss(h_a, h_b)
+        return math.log(2 * run.common.batch_size - 1) - loss(h_a, h_b, distributed=False)
+    return -loss(h_a, h_b, distributed=False)

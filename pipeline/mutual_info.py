@@ -11,8 +11,8 @@ from torch import Tensor
 
 
 def gram(x: Tensor) -> Tensor:
-    """K = x̂ x̂ᵀ with x̂ the L2-normalized rows of x: (n, D) -> (n, n), unit diagonal."""
-    x = F.normalize(x.float(), dim=1)
+    """K = x̂ x̂ᵀ with x̂ the L2-normalized rows of x: (n, D) -> (n, n), unit diagonal; float32 (float64 stays)."""
+    x = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=1)
     return x @ x.T
 
 

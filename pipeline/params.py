@@ -8,9 +8,11 @@ its knobs are present (DVC sees that too). The whole file is validated whenever 
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.json_schema import JsonDict
 from pydantic_core import ErrorDetails
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
@@ -252,14 +254,48 @@ class OptimizerParams(Strict):
     warmup_start_lr: Annotated[float, Field(ge=0)] = Field(description="Where warmup-cosine schedules start.")
 
 
-class TrainingParams(Strict):
-    """How training runs: these change speed, and on GPU rounding, not the method."""
+CHANGES_NUMBERS: JsonDict = {"changes_numbers": True}  # can change results: a DVC param of the stages reading it
+SAME_NUMBERS: JsonDict = {"changes_numbers": False}  # speed only: every number is the same whatever its value
 
-    precision: Precision = Field(description="Autocast dtype on CUDA (CPU runs fp32).")
-    channels_last: bool = Field(description="NHWC activations (faster convolutions).")
-    compile: bool = Field(description="torch.compile the model.")
-    loader_workers: int = Field(ge=-1, description="FFCV decoding threads (-1: all cores).")
-    eval_batch_size: int = Field(ge=1)
+
+class TrainingParams(Strict):
+    """How training runs, not the method. Each field's schema says whether it can change numbers (rounding):
+    those that can are DVC params of the stages that read them (tests/test_dvc_yaml.py checks it)."""
+
+    precision: Precision = Field(
+        description="Autocast dtype on CUDA (CPU runs fp32). Changes numbers on CUDA.",
+        json_schema_extra=CHANGES_NUMBERS,
+    )
+    channels_last: bool = Field(
+        description="NHWC activations on CUDA (faster convolutions, other kernels). Changes numbers on CUDA.",
+        json_schema_extra=CHANGES_NUMBERS,
+    )
+    compile: bool = Field(
+        description="torch.compile the model (fused kernels round differently). Changes numbers.",
+        json_schema_extra=CHANGES_NUMBERS,
+    )
+    torch_threads: int = Field(
+        ge=1,
+        description=(
+            "torch's intra-op CPU threads: CPU training, and the CPU side of evaluations (kNN) everywhere. Changes "
+            "numbers (oneDNN and ATen split reductions by thread), so it is set here, not from the CPUs a process gets."
+        ),
+        json_schema_extra=CHANGES_NUMBERS,
+    )
+    loader_workers: int = Field(
+        ge=-1,
+        description=(
+            "FFCV decoding threads (-1: this process's share of the CPUs it may use, divided among torchrun's "
+            "processes). Speed only: sample order and augmentation draws depend on the seed and the sample (but "
+            "imagenet100's crops, made by FFCV's decoder, are not seeded at all)."
+        ),
+        json_schema_extra=SAME_NUMBERS,
+    )
+    eval_batch_size: int = Field(
+        ge=1,
+        description="Batch of the online classifier's test pass. Changes numbers (kernels and rounding vary by batch).",
+        json_schema_extra=CHANGES_NUMBERS,
+    )
 
 
 class FitParams(Strict):
@@ -571,7 +607,7 @@ def _describe(err: ErrorDetails) -> str:
     loc = err["loc"]
     key = ".".join(str(part) for part in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        known = _fields_at(loc[:-1])
+        known = _fields_at(Params, loc[:-1])
         hint = _did_you_mean(str(loc[-1]), known)
         return f"{key}: unknown key{hint}" if hint else f"{key}: unknown key; allowed: {', '.join(known)}"
     if err["type"] == "missing":
@@ -583,14 +619,48 @@ def _describe(err: ErrorDetails) -> str:
     return f"{key}: found {found if len(found) < 80 else found[:77] + '...'}; {err['msg']}{hint}"
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    model: type[BaseModel] = Params
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed at `loc`, a pydantic error location under `model`, read off the annotations: a
+    model's fields, a dict's values, a list's items, an optional value, the union member that pydantic names
+    in the location (by class name, or by discriminator tag). Empty where no single model is found."""
+    annotation: object = model
     for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        members = _members(annotation)
+        if len(members) > 1:  # pydantic's location names the member that was tried
+            members = [m for m in members if part == getattr(m, "__name__", None) or part in _tags(m)]
+            annotation = members[0] if members else None
+            continue
+        kind = members[0]
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            field = kind.model_fields.get(part) if isinstance(part, str) else None
+            annotation = field.annotation if field else None
+        elif get_origin(kind) in (dict, list):
+            annotation = get_args(kind)[-1]  # the values of a dict, the items of a list
+        else:
             return []
-        model = field.annotation
-    return list(model.model_fields)
+    models = [m for m in _members(annotation) if isinstance(m, type) and issubclass(m, BaseModel)]
+    return list(models[0].model_fields) if len(models) == 1 else []
+
+
+def _members(annotation: object) -> list:
+    """`annotation` without its Annotated metadata, as the list of its union members other than None."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, UnionType):
+        return [member for arg in get_args(annotation) if arg is not type(None) for member in _members(arg)]
+    return [annotation]
+
+
+def _tags(member: object) -> set:
+    """The Literal values of a model's fields: a discriminated union's tags are among them."""
+    if not (isinstance(member, type) and issubclass(member, BaseModel)):
+        return set()
+    return {
+        value
+        for f in member.model_fields.values()
+        if get_origin(f.annotation) is Literal
+        for value in get_args(f.annotation)
+    }
 
 
 def _did_you_mean(word: str, options: list[str]) -> str:

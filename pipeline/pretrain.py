@@ -17,16 +17,17 @@ from torch import nn
 
 from pipeline.atomic import atomic_file
 from pipeline.augment import augment
-from pipeline.checkpoint import load_checkpoint
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.distributed import data_parallel, rank, sum_over_ranks
 from pipeline.errors import UserError
 from pipeline.loaders import Batches, eval_loader, ssl_loader
-from pipeline.metrics import EpochLog, PretrainMetrics, write_log
-from pipeline.model import SSLModel, build_model, make_optimizer
+from pipeline.metrics import EpochLog, EpochValues, PretrainMetrics, write_log
+from pipeline.model import DEPENDS_ON_WORLD_SIZE, SSLModel, build_model, make_optimizer
 from pipeline.optim import LARS, warmup_cosine
 from pipeline.params import TrainingParams
 from pipeline.progress import progress
 from pipeline.run import Run
-from pipeline.runtime import autocast, is_rank0, seconds_since_start, world_size
+from pipeline.runtime import autocast, is_rank0, prepare_convolutions, seconds_since_start, world_size
 from pipeline.step import LOGGED, backward, forward, gradient_ratio
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,11 @@ def pretrain(
     """
     torch.manual_seed(run.seed)
     model = build_model(run).to(device)
-    memory_format = torch.channels_last if training.channels_last and device.type == "cuda" else torch.contiguous_format
+    memory_format = prepare_convolutions(training.channels_last, device)
     model = model.to(memory_format=memory_format)
     optimizer = make_optimizer(model, run)
     start_epoch, history = _resume(out / "checkpoint.pt", run, model, optimizer)
-    trained = _distributed(model, device)
+    trained = data_parallel(model, device)
     if training.compile:
         trained = cast(nn.Module, torch.compile(trained))
     if run.common.batch_size % world_size():
@@ -95,19 +96,7 @@ def pretrain(
         mi_weight=run.variant.mi_weight,
         mi_grad_fp32=run.variant.mi_grad_fp32,
         mi_grad_ratio_max=max(row.mi_grad_ratio for row in history),
-        **history[-1].model_dump(),
-    )
-
-
-def _distributed(model: SSLModel, device: torch.device) -> nn.Module:
-    """DDP under torchrun; BatchNorm synchronized across GPUs (PyTorch's SyncBatchNorm is GPU-only, so
-    CPU ranks, used for testing, normalize per rank)."""
-    if world_size() == 1:
-        return model
-    if device.type != "cuda":
-        return nn.parallel.DistributedDataParallel(model)
-    return nn.parallel.DistributedDataParallel(
-        nn.SyncBatchNorm.convert_sync_batchnorm(model), device_ids=[device.index]
+        **history[-1].model_dump(include=set(EpochValues.model_fields)),
     )
 
 
@@ -125,7 +114,7 @@ def _train_epoch(
     steps = len(loader)
     total_steps, warmup_steps = run.common.epochs * steps, run.common.warmup_epochs * steps
     views, stats = run.views(), run.stats(device)
-    generator = torch.Generator(device).manual_seed(run.epoch_seed(epoch))  # per-sample draws, per epoch
+    generator = torch.Generator(device).manual_seed(run.augmentation_seed(epoch, rank()))  # per sample, rank, epoch
     parameters = list(model.parameters())
     model.train()
     start, seen, pending, sums = time.perf_counter(), 0, [], [0.0] * len(LOGGED)
@@ -151,7 +140,8 @@ def _train_epoch(
             pending.append(out.logged)
             seen += len(y) * world_size()
             if len(pending) == SYNC_EVERY or step + 1 == steps:
-                rows = torch.stack(pending).tolist()  # the one host sync of SYNC_EVERY steps
+                # the global batch's values (the mean over ranks), read in the one host sync of SYNC_EVERY steps
+                rows = (sum_over_ranks(torch.stack(pending)) / world_size()).tolist()
                 _check_finite(rows, epoch, step + 1 - len(rows))
                 sums = [total + sum(column) for total, column in zip(sums, zip(*rows))]
                 advance(
@@ -204,22 +194,30 @@ def _resume(path: Path, run: Run, model: SSLModel, optimizer: LARS) -> tuple[int
     if state.get("config") != run.config():
         log.warning("%s was written for other params: starting over", path)
         return 0, []
+    trained_by = state.get("world_size", 1)
+    if trained_by != world_size() and run.method in DEPENDS_ON_WORLD_SIZE:
+        raise UserError(
+            f"{path} was trained by {trained_by} processes, and this run has {world_size()}: {run.method}'s training "
+            f"depends on their number (docs/method.md 3.2); resume it with {trained_by} (launch's --gpus-per-cell, "
+            f"PROJECTOR_IB_NPROC) or remove it to start over"
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    log.info("resuming from %s after epoch %d", path, state["epoch"])
+    log.info("resuming from %s after epoch %d (trained by %d processes)", path, state["epoch"], trained_by)
     return state["epoch"], [EpochLog(**row) for row in state["history"]]
 
 
 def _save(out: Path, model: SSLModel, optimizer: LARS, run: Run, history: list[EpochLog], code_version: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_file(out / "checkpoint.pt") as staging:
-        torch.save(
+        save_checkpoint(
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "epoch": history[-1].epoch,
                 "history": [row.model_dump() for row in history],
                 "config": run.config(),
+                "world_size": world_size(),
                 "code_version": code_version,
             },
             staging,

@@ -10,12 +10,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
 
 from pipeline.atomic import atomic_dir
+from pipeline.errors import UserError
 from pipeline.figures import Figure, draw_figures, figures_markdown, write_figures
-from pipeline.metrics import Cell, LinearEvalMetrics, PretrainMetrics, collect, read_log
+from pipeline.metrics import COLUMNS, Cell, EpochLog, LinearEvalMetrics, PretrainMetrics, collect, read_log
 from pipeline.params import UNIT_ROUNDOFF, UNTRAINED, ExperimentParams
 from pipeline.plots import gains_chart, training_curves
+from pipeline.provenance import Machine, Provenance, machines
 from pipeline.stats import Gain, Summary, paired_gain, summarize
 
 METRICS = {
@@ -158,6 +161,8 @@ def markdown(tables: dict, variants: list[str], claim: str) -> str:
             f"{r['ratio_max']:.2e} | {r['resolution']:.1e} | {r['verdict']} |"
             for r in tables["regularizer"]
         ]
+    lines += ["", "## Machines the cells ran on (pretraining and evaluations)", ""]
+    lines += [f"- {Machine(**m['machine']).text()}: {m['records']} stage runs" for m in tables["machines"]]
     return "\n".join(lines) + "\n"
 
 
@@ -176,14 +181,19 @@ def write_report(
     pretrain_metrics: Path,
     linear_metrics: Path,
     untrained_metrics: Path,
+    provenance: Path,
     run_log: Callable[[Cell], Path],
     reference: Path,
     out: Path,
-) -> None:
-    """`out/`: results.md, results.csv, results.json, curves-<dataset>-<method>.png, gains.png, and each figure's
-    files (pipeline.figures.write_figures).
+) -> dict:
+    """`out/`: results.md, results.csv, results.json, curves.csv (the table's cells' log.csv files, for DVC's
+    plots), curves-<dataset>-<method>.png, gains.png, and each figure's files (pipeline.figures.write_figures).
+    Returns the tables (results.json's content, without the figures).
+
+    `provenance/{pretrain,linear_eval,untrained}/` hold the stages' `Provenance` records (the machines).
 
     `run_log(cell)` is the path of a cell's log.csv (the caller knows the run layout)."""
+    paper = read_paper_values(reference)
     settings = list(itertools.product(experiment.datasets, experiment.methods))
     cells = [(d, m, v, s) for (d, m), v, s in itertools.product(settings, experiment.variants, experiment.seeds)]
     untrained = [(d, m, UNTRAINED, s) for (d, m), s in itertools.product(settings, experiment.seeds)]
@@ -198,11 +208,17 @@ def write_report(
     }
     values["online_test_acc"] = {c: 100 * pretrained[c].online_test_acc for c in cells}
     protocols: dict[tuple[str, str], str] = {(d, m): evaluated[d, m, v, s].protocol for d, m, v, s in cells}
-    paper = YAML(typ="safe", pure=True).load(reference.read_text())
     tables = build_tables(values, paper["cells"], experiment.variants, protocols)
     tables["regularizer"] = regularizer_rows(pretrained)
     drawn = draw_figures(figures, pretrained, evaluated)
-    histories = {(d, m, v): [read_log(run_log((d, m, v, s))) for s in experiment.seeds] for d, m, v, _ in cells}
+    records = [
+        record
+        for kind, kind_cells in (("pretrain", every), ("linear_eval", every), ("untrained", untrained))
+        for record in collect(provenance / kind, Provenance, kind_cells).values()
+    ]
+    tables["machines"] = machines(records)
+    logs: dict[Cell, list[EpochLog]] = {cell: read_log(run_log(cell)) for cell in cells}
+    histories = {(d, m, v): [logs[d, m, v, s] for s in experiment.seeds] for d, m, v, _ in cells}
     with atomic_dir(out) as staging:
         results = {"claim": paper["claim"]} | tables | ({"figures": drawn} if drawn else {})
         (staging / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -212,6 +228,7 @@ def write_report(
             writer.writerows(tables["rows"])
         text = markdown(tables, experiment.variants, paper["claim"])
         (staging / "results.md").write_text(text + ("\n" + figures_markdown(drawn) if drawn else ""))
+        _write_curves(logs, staging / "curves.csv")
         for dataset, method in settings:
             training_curves(
                 {v: histories[dataset, method, v] for v in experiment.variants},
@@ -220,6 +237,32 @@ def write_report(
             )
         gains_chart(tables["rows"], staging / "gains.png")
         write_figures(drawn, staging)
+    return tables
+
+
+def summary(tables: dict) -> dict:
+    """The report as DVC shows metrics: `metric.dataset.method.variant` -> mean (and std, gain), numbers only."""
+    nested: dict = {}
+    for row in tables["rows"]:
+        values = {key: row[key] for key in ("mean", "std", "gain") if row.get(key) is not None}
+        nested.setdefault(row["metric"], {}).setdefault(row["dataset"], {}).setdefault(row["method"], {})[
+            row["variant"]
+        ] = values
+    return nested
+
+
+def read_paper_values(path: Path) -> dict:
+    """The paper's values for the report (references/paper.yaml: a `claim` and its `cells`); a UserError
+    naming the file if it is missing or not such a file."""
+    try:
+        paper = YAML(typ="safe", pure=True).load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; the paper's values are references/paper.yaml") from None
+    except (OSError, UnicodeDecodeError, YAMLError) as e:
+        raise UserError(f"{path}: not readable as the paper's values ({' '.join(str(e).split())})") from None
+    if not (isinstance(paper, dict) and isinstance(paper.get("claim"), str) and isinstance(paper.get("cells"), dict)):
+        raise UserError(f"{path}: not the paper's values (a `claim` and `cells`, as references/paper.yaml holds)")
+    return paper
 
 
 CSV_COLUMNS = [
@@ -240,24 +283,11 @@ CSV_COLUMNS = [
 ]
 
 
-def means(results: dict) -> dict[tuple, float]:
-    """The means of a results.json by (metric, dataset, method, variant)."""
-    return {(r["metric"], r["dataset"], r["method"], r["variant"]): float(r["mean"]) for r in results["rows"]}
-
-
-def compare(ours: dict[tuple, float], theirs: dict[tuple, float], tolerance: float) -> tuple[list[str], float]:
-    """How a report's `means` depart from a reference's: rows missing either way and means more than
-    `tolerance` points apart; and the largest difference of a mean."""
-    differences = {key: abs(ours[key] - mean) for key, mean in theirs.items() if key in ours}
-    problems = [
-        f"{' '.join(key)}: only in the {where}"
-        for keys, other, where in ((ours, theirs, "report"), (theirs, ours, "reference"))
-        for key in keys
-        if key not in other
-    ]
-    problems += [
-        f"{' '.join(key)}: {ours[key]:.2f} against {theirs[key]:.2f} (tolerance {tolerance:g})"
-        for key, difference in differences.items()
-        if difference > tolerance
-    ]
-    return problems, max(differences.values(), default=0.0)
+def _write_curves(logs: dict[Cell, list[EpochLog]], path: Path) -> None:
+    """Every cell's log in one long table (a row per cell and epoch): dvc.yaml's plots draw a line per cell."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["cell", *COLUMNS])
+        for (dataset, method, variant, seed), log in logs.items():
+            cell = f"{dataset}-{method}-{variant}-seed{seed}"
+            writer.writerows([cell, *(f"{getattr(row, c):.6g}" for c in COLUMNS)] for row in log)

@@ -23,7 +23,6 @@ from pipeline.params import (
     SimclrCommon,
     VariantParams,
 )
-from pipeline.runtime import world_size
 
 
 @dataclass(frozen=True)
@@ -80,12 +79,12 @@ class Run:
     std: tuple[float, float, float]
 
     def config(self) -> dict:
-        """What a checkpoint must match to be resumed."""
+        """What a checkpoint must match to be resumed (its number of processes: pipeline.pretrain checks that)."""
         return {
             name: (value.model_dump() if hasattr(value, "model_dump") else value)
             for name, value in self.__dict__.items()
             if name != "variant"
-        } | {"variant": self.variant.__dict__, "world_size": world_size()}
+        } | {"variant": self.variant.__dict__}
 
     @property
     def decoder_crop(self) -> int | None:
@@ -108,28 +107,42 @@ class Run:
         return a, b
 
     def epoch_seed(self, epoch: int) -> int:
-        """Seed of the per-sample augmentation draws and the data order of `epoch`."""
+        """Seed of the per-sample augmentation draws and the data order of `epoch` (one process)."""
         return self.seed * 100_003 + epoch
+
+    def augmentation_seed(self, epoch: int, rank: int) -> int:
+        """Seed of process `rank`'s per-sample augmentation draws in `epoch`: `epoch_seed` for rank 0 (one process
+        draws as it always did), and another stream for each other rank. The offset is an odd multiple of the rank,
+        so it differs between ranks in its low 32 bits too, the only ones a CPU generator uses."""
+        return self.epoch_seed(epoch) + rank * 0x9E3779B9
+
+
+def cell_variant(params: Params, dataset: str, method: str, variant: str) -> Variant:
+    """The variant of a cell, resolved from params; an unknown dataset, method or variant is refused by name.
+    Stages call this before reading any file, so that a wrong name is the error they report first.
+
+    `variant` may be UNTRAINED: the encoder alone, as pretraining starts it (for evaluation)."""
+    get_dataset(dataset)
+    if method not in MethodsParams.model_fields:
+        raise UserError(f"unknown method {method!r}; choose from {', '.join(MethodsParams.model_fields)}")
+    cell = getattr(getattr(params.pretrain, dataset), method)
+    if variant == UNTRAINED:
+        return Variant.from_params(UNTRAINED, VariantParams(), cell.common, method)
+    if variant not in cell.variants:
+        raise UserError(
+            f"unknown variant {variant!r}; pretrain.{dataset}.{method}.variants defines {', '.join(cell.variants)}"
+        )
+    return Variant.from_params(variant, cell.variants[variant], cell.common, method)
 
 
 def make_run(
     params: Params, dataset: str, method: str, variant: str, seed: int, meta: DatasetMetrics, device: torch.device
 ) -> Run:
-    """The run of one cell; `meta` is the dataset's conversion metadata (classes, pixel statistics).
-
-    `variant` may be UNTRAINED: the encoder alone, as pretraining starts it (for evaluation)."""
-    if method not in MethodsParams.model_fields:
-        raise UserError(f"unknown method {method!r}; choose from {', '.join(MethodsParams.model_fields)}")
+    """The run of one cell (see `cell_variant`); `meta` is the dataset's conversion metadata (classes, pixel
+    statistics)."""
+    resolved = cell_variant(params, dataset, method, variant)
     spec = get_dataset(dataset)
     cell = getattr(getattr(params.pretrain, dataset), method)
-    if variant == UNTRAINED:
-        resolved = Variant.from_params(UNTRAINED, VariantParams(), cell.common, method)
-    elif variant in cell.variants:
-        resolved = Variant.from_params(variant, cell.variants[variant], cell.common, method)
-    else:
-        raise UserError(
-            f"unknown variant {variant!r}; pretrain.{dataset}.{method}.variants defines {', '.join(cell.variants)}"
-        )
     if meta.num_classes != len(meta.classes) or meta.num_classes < 2:
         raise UserError(f"the {dataset} metadata has {meta.num_classes} classes for {len(meta.classes)} names")
     mean, std = spec.stats or (tuple(meta.mean or ()), tuple(meta.std or ()))

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.distributed import gather_views, sum_over_ranks
 from pipeline.model import LOSSES, mi_z1_r_estimate
 from pipeline.mutual_info import gram, matrix_mutual_info, renyi_entropy
 from pipeline.run import Run
-from pipeline.runtime import autocast
+from pipeline.runtime import autocast, world_size
 
 LOGGED = ("ssl_loss", "mi_z1_z2", "mi_z1_r_estimate", "entropy_z1", "online_train_acc")  # Forward.logged, in order
 
@@ -25,24 +26,27 @@ class Forward:
     ssl: Tensor  # the SSL loss
     regularizer: Tensor | None  # λ·I(Z1;Z2), None without the MI regularizer
     classification: Tensor  # the online classifier's cross-entropy
-    logged: Tensor  # (len(LOGGED),) float32, detached
+    logged: Tensor  # (len(LOGGED),) float32 (float64 for a float64 model), detached
 
 
 def forward(model: nn.Module, run: Run, x_a: Tensor, x_b: Tensor, y: Tensor) -> Forward:
+    """The step's losses from this rank's batch; I(Z1;Z2) (the regularizer and its log), H(Z1) and the I(Z1;R)
+    estimate from the global batch (h and z gathered from every rank), so they do not depend on the number of
+    processes. Logged values are this rank's: their mean over ranks is the global batch's."""
     loss = LOSSES[run.method](run.common)
     with autocast(run.precision, x_a.device.type):
         h_a, h_b, z_a, z_b, logits = model(x_a, x_b)
-        ssl = loss(z_a, z_b)
-    h, z = torch.cat([h_a, h_b]), torch.cat([z_a, z_b])  # (2N, F), (2N, D)
+    ssl = loss(z_a, z_b)  # float32 inside, autocast off
+    h, z = gather_views(h_a, h_b), gather_views(z_a, z_b)  # (2N, F), (2N, D): the global batch
     with torch.set_grad_enabled(torch.is_grad_enabled() and run.variant.mi_weight > 0):
         mi = matrix_mutual_info(h, z, run.common.renyi_alpha)  # float32 inside
     targets = torch.cat([y, y])
     classification = F.cross_entropy(logits.float(), targets)
     with torch.no_grad():
-        estimate = mi_z1_r_estimate(run, loss, h_a.detach().float(), h_b.detach().float())
+        estimate = mi_z1_r_estimate(run, loss, *h.detach().chunk(2))
         entropy = renyi_entropy(gram(h.detach()), run.common.renyi_alpha)
         accuracy = (logits.argmax(1) == targets).float().mean()
-        logged = torch.stack([ssl.detach().float(), mi.detach(), estimate, entropy, accuracy])
+        logged = torch.stack([ssl.detach(), mi.detach(), estimate, entropy, accuracy])
     regularizer = run.variant.mi_weight * mi if run.variant.mi_weight > 0 else None
     return Forward((h_a, h_b), ssl, regularizer, classification, logged)
 
@@ -77,4 +81,6 @@ def gradient_ratio(out: Forward, run: Run) -> Tensor:
 
 
 def _norm(tensors: tuple[Tensor, ...]) -> Tensor:
-    return torch.linalg.vector_norm(torch.cat([t.float().flatten() for t in tensors]))
+    """The norm of this rank's `tensors` together, over every rank's."""
+    local = torch.linalg.vector_norm(torch.cat([t.float().flatten() for t in tensors]))
+    return local if world_size() == 1 else sum_over_ranks(local.square()).sqrt()

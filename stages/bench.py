@@ -24,10 +24,10 @@ from stages.common import PARAMS_FILE, Data, Dataset, Metadata, Method, ParamsFi
 
 def bench(
     dataset: Dataset,
-    raw: Annotated[Path, typer.Option(help="The prepared raw folder (the reference path reads it).")],
+    raw: Annotated[Path, typer.Option(help="The folder `prepare` wrote (the reference's PIL loader reads it).")],
     data: Data,
     metadata: Metadata,
-    out: Annotated[Path, typer.Option(help="JSON file for the results.")],
+    out: Annotated[Path, typer.Option(help="JSON file to write: the measured speeds, shares and memory.")],
     method: Method = "simclr",
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
     width: Annotated[int, typer.Option(help="Backbone width for (b) and (c); 64 is the paper's.")] = 64,
@@ -48,7 +48,7 @@ def bench(
     from pipeline.loaders import check_betons
     from pipeline.memory import step_peak_bytes
     from pipeline.run import make_run
-    from pipeline.runtime import init_device
+    from pipeline.runtime import choose_device
 
     params = load_params(params_file)
     meta = read_metadata(metadata)
@@ -61,7 +61,8 @@ def bench(
             ["linear-eval", *cell, "--variant", "untrained"], "first evaluation batch ready"
         ),
     }
-    device = init_device()
+    device = choose_device()
+    torch.set_num_threads(workers)  # the step times with as many CPU threads as the loaders decode with
     run = make_run(params, dataset, method, "baseline", 0, meta, device)
     run = dataclasses.replace(run, common=run.common.model_copy(update={"backbone_width": width}))
     split = get_dataset(dataset).load(raw).train  # the reference forks its workers before FFCV starts threads

@@ -2,6 +2,7 @@
 
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
+from pipeline.atomic import NO_ROOM
 from pipeline.errors import UserError
 
 ParamsFile = Annotated[Path, typer.Option("--params", help="The params file (validated whole on every start).")]
@@ -31,8 +33,9 @@ def set_debug(on: bool) -> None:
 
 
 def stage(fn: Callable) -> Callable:
-    """Configure logging, run `fn`, and report a `UserError` as one line and its exit code (with the
-    app's `--debug`, as a traceback). Ctrl-C exits 130 after `fn`'s cleanup has run."""
+    """Configure logging, run `fn`, and report a `UserError`, or an OSError about a path (a bad path option,
+    a full disk), as one line and its exit code (with the app's `--debug`, as a traceback). Ctrl-C exits 130
+    after `fn`'s cleanup has run."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -49,6 +52,12 @@ def stage(fn: Callable) -> Callable:
                 raise
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # a path the OS refused (no such file, not a folder, no room...): name it
+            if _debug or not (e.filename or e.errno in NO_ROOM):
+                raise
+            reason = e.strerror or os.strerror(e.errno or 0)
+            typer.echo(f"error: {e.filename}: {reason}" if e.filename else f"error: a write failed: {reason}", err=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if _debug:
                 raise

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.atomic import atomic_file
+from pipeline.atomic import atomic_file, check_output
 from pipeline.errors import UserError
 from pipeline.params import load_params
 from stages.common import PARAMS_FILE, Dataset, ParamsFile
@@ -32,8 +32,11 @@ def prepare(
 
     params = load_params(params_file)
     spec = get_dataset(dataset)
-    if spec.downloads and downloads is None:
-        raise UserError(f"--downloads is required for {dataset}: the folder where its archive is cached")
+    if spec.downloads:
+        if downloads is None:
+            raise UserError(f"--downloads is required for {dataset}: the folder where its archive is cached")
+        check_output(downloads, folder=True)
+    check_output(out, folder=True)
     spec.prepare(params, out, downloads)
     log.info("prepared %s in %s", dataset, out)
 
@@ -42,13 +45,19 @@ def convert(
     dataset: Dataset,
     raw: Annotated[Path, typer.Option(help="The folder `prepare` wrote.")],
     out: Annotated[Path, typer.Option(help="Folder for train.beton and test.beton.")],
-    metadata: Annotated[Path, typer.Option(help="JSON file for counts, shapes and checksums.")],
+    metadata: Annotated[
+        Path, typer.Option(help="JSON file to write: class counts, image shape, pixel statistics, checksums.")
+    ],
     params_file: ParamsFile = PARAMS_FILE,
 ) -> None:
     """Convert the train and test splits to FFCV .beton files and describe them."""
     from pipeline.beton import convert_dataset
+    from pipeline.datasets import get_dataset
 
     params = load_params(params_file)
+    get_dataset(dataset)  # a wrong name first, then the files
+    check_output(out, folder=True)
+    check_output(metadata)
     meta = convert_dataset(dataset, params, raw, out)
     with atomic_file(metadata) as staging:
         staging.write_text(json.dumps(meta, indent=2) + "\n")

@@ -1,5 +1,5 @@
 """Test helpers: a local HTTP server for downloads, generated CIFAR archives, image trees, params files, tiny
-settings, running a stage in its own process.
+settings, running a stage in its own process, running a function on CPU ranks of a process group.
 
 Fixtures built on these live in conftest.py.
 """
@@ -11,10 +11,14 @@ import subprocess
 import sys
 import tarfile
 import zlib
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 from ruamel.yaml import YAML
 
@@ -130,6 +134,7 @@ TINY_COMMON = {
 }
 TINY_CELL = {"common": TINY_COMMON, "variants": {"sae": {"sae_latent_dim": 64, "sae_topk": 4}}}
 TINY_EVAL = {"epochs": 2, "batch_size": 16, "warmup_epochs": 0}
+TABLE_ONLY = {"bounds": {"points": []}, "ablations": {"points": []}}  # params' `figures` that add no cells
 
 
 def tiny_sections(**common) -> dict:
@@ -137,7 +142,7 @@ def tiny_sections(**common) -> dict:
     `common` overrides `pretrain.synthetic.<method>.common`."""
     cell = TINY_CELL | {"common": TINY_COMMON | common}
     return {
-        "figures": {"bounds": {"points": []}, "ablations": {"points": []}},  # the table only
+        "figures": TABLE_ONLY,
         "datasets": {"synthetic": {"train_per_class": 8, "test_per_class": 4}},
         "training": {"loader_workers": 1, "eval_batch_size": 64},
         "pretrain": {"synthetic": {m: cell for m in ("simclr", "barlow_twins")}},
@@ -198,3 +203,22 @@ def convert_args(root: Path, metadata: Path | None = None) -> list[str]:
     """`convert`'s paths: root/raw (what `prepare --out root/raw` wrote) to root/ffcv and `metadata`
     (default root/meta.json)."""
     return ["--raw", str(root / "raw"), "--out", str(root / "ffcv"), "--metadata", str(metadata or root / "meta.json")]
+
+
+WORLD = 2  # ranks of the CPU process groups of the distributed tests
+
+
+def on_ranks(function: Callable[..., dict], folder: Path, *args) -> list[dict]:
+    """`function(*args)` on each of WORLD processes of one gloo process group (CPU, one thread each), as torchrun
+    runs a stage; the dicts they return (tensors, numbers, strings), in rank order."""
+    mp.spawn(_on_rank, args=(function, str(folder), args), nprocs=WORLD, join=True)
+    return [torch.load(folder / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def _on_rank(rank: int, function: Callable[..., dict], folder: str, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD)
+    try:
+        torch.save(function(*args), Path(folder) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -1,4 +1,11 @@
-"""Augmentations against torchvision's functional ops, image by image, and the CPU kernel against the torch ops."""
+"""Augmentations against torchvision's functional ops, image by image, and the CPU kernel against the torch ops.
+
+Tolerances: pixel values are in [0, 1] and every op is a short weighted sum, so two float32 implementations that
+order the same arithmetic differently differ by a few unit roundoffs (u = 6e-8) per term: a resized crop sums
+2 × 4 bicubic taps (weights' absolute sum ≤ 1.3, antialiasing adds taps only when downscaling): ≲ 16·u·1.3 ≈ 1.3e-6,
+under 2e-6; colour jitter chains 4 ops with clamps (1-Lipschitz) and an HSV round trip: ≲ 1e-5. The numba kernel
+against the torch ops runs the whole chain (crop, jitter, grayscale, 13-tap blur, solarize at 0.5, where it is
+continuous, then ÷ std ≥ 0.2): ≲ 50·u·5 ≈ 1.5e-5, and 2e-4 leaves a factor > 10 whatever the CPU."""
 
 import pytest
 import torch
@@ -14,7 +21,9 @@ from pipeline.augment import (
     color_jitter,
     draw,
     gaussian_blur,
+    grayscale,
     resized_crop,
+    solarize,
 )
 
 MEAN, STD = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
@@ -31,6 +40,13 @@ SYMMETRIC = ViewSpec(
 )
 SOLARIZING = ViewSpec(
     32, True, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.0, solarize_p=0.2, interpolation="bilinear", **PAPER
+)
+# ImageNet-100's views (docs/method.md section 4): 224 px, cropped by the FFCV decoder (crop=False here)
+IMAGENET_SYMMETRIC = ViewSpec(
+    224, False, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, solarize_p=0.0, interpolation="bicubic", **PAPER
+)
+IMAGENET_B = ViewSpec(
+    224, False, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarize_p=0.2, interpolation="bicubic", **PAPER
 )
 
 
@@ -112,3 +128,49 @@ def test_probabilities_are_respected():
     area = (d.boxes[:, 2] * d.boxes[:, 3]).float() / 1024
     assert area.min() >= 0.08 - 0.02 and area.max() <= 1.0
     assert d.factors[:, 3].abs().max() <= 0.2 and d.factors[:, :3].min() >= 0.2 and d.factors[:, :3].max() <= 1.8
+
+
+def augment_as_before(x, spec, d, mean, std):
+    """augment_torch before issue 18 item 10: the resize always (the identity, or the mirror, when the decoder
+    had cropped), every colour-jitter op computed at each of the four steps, every op whatever its probability."""
+
+    def blend(y, other, f):
+        f = f.view(-1, 1, 1, 1)
+        return (f * y + (1 - f) * other).clamp_(0, 1)
+
+    def where(mask, done, y):
+        return torch.where(mask.view(-1, 1, 1, 1), done, y)
+
+    ops = (
+        lambda y, f: blend(y, torch.zeros_like(y), f),
+        lambda y, f: blend(y, grayscale(y).mean((1, 2, 3), keepdim=True), f),
+        lambda y, f: blend(y, grayscale(y), f),
+        adjust_hue,
+    )
+    x = resized_crop(x.float() / 255, *d.boxes.unbind(1), d.flip, spec.size, spec.interpolation).clamp_(0, 1)
+    jittered = x
+    for step in range(4):
+        for op_index, op in enumerate(ops):
+            jittered = where(d.order[:, step] == op_index, op(jittered, d.factors[:, op_index]), jittered)
+    x = where(d.apply[:, 0], jittered, x)
+    x = where(d.apply[:, 1], grayscale(x), x)
+    x = where(d.apply[:, 2], gaussian_blur(x, d.sigma, spec.blur_size), x)
+    x = where(d.apply[:, 3], solarize(x), x)
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "spec, b",
+    [(SYMMETRIC, 64), (SOLARIZING, 64), (IMAGENET_SYMMETRIC, 8), (IMAGENET_B, 8)],
+    ids=["32px-symmetric", "32px-asymmetric-b", "224px-symmetric", "224px-asymmetric-b"],
+)
+def test_device_augmentation_equals_what_it_computed_before(spec, b):
+    """Issue 18 item 10 made the torch path cheaper (no identity resize; one blend per jitter step and one hue
+    shift instead of all four ops at all four steps; no op of probability 0) without changing what a sample
+    gets: the same ops in the same order on the same values (the resize matrices of an uncropped image are
+    exactly 0 and 1; a reduction per sample sees the same shape), so the output is equal bit for bit."""
+    x = images(b, spec.size)
+    d = draw(b, (spec.size, spec.size), spec, torch.Generator().manual_seed(6))
+    assert d.apply[:, 0].any() and (d.order[:, 0] == 3).any() and (d.order[:, 3] == 3).any() and d.flip.any()
+    expected = augment_as_before(x, spec, d, MEAN, STD)
+    assert torch.equal(augment_torch(x, spec, d, MEAN, STD), expected)

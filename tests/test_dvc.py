@@ -1,5 +1,6 @@
 """A real `dvc repro` of the data stages on the synthetic dataset, in a throwaway git repository."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from tests.helpers import REPO, tiny_sections, write_params
+from tests.helpers import REPO, make_tree, tiny_sections, write_params
 
 pytestmark = pytest.mark.slow
 SMALL = tiny_sections() | {
@@ -35,7 +37,7 @@ def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
 
 @pytest.fixture
 def project(tmp_path):
-    for name in ("pipeline", "stages", "references"):
+    for name in ("pipeline", "stages", "references", "plots"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, tmp_path / name)
@@ -110,6 +112,7 @@ def test_whole_dag_then_audit(project):
     run(project, "dvc", "repro")
     assert "| synthetic | simclr | sae |" in (project / "reports" / "results.md").read_text()
     assert "audit: OK" in run(project, "python", "-m", "stages", "audit").stdout
+    assert_dvc_views_show_what_compares_runs(project)
 
     metrics = project / "metrics" / "linear_eval" / "synthetic-simclr-sae-seed1.json"
     original = metrics.read_text()
@@ -146,8 +149,59 @@ def test_whole_dag_then_audit(project):
     assert len(would_run(project)) == 2 * 2 + 2 * 2 + 2 + 1
 
 
+def assert_dvc_views_show_what_compares_runs(project: Path) -> None:
+    """Issue 21.5: DVC's metrics are the numbers that compare runs (no machine, speed or checksum, which the
+    stages record in provenance/), and `dvc plots show` draws one plot per quantity with no load errors."""
+    shown = json.loads(run(project, "dvc", "metrics", "show", "--json").stdout)
+    keys = {key for files in shown.values() for values in files["data"].values() for key in values["data"]}
+    assert {"top1", "probe_top1", "knn_top1", "ssl_loss", "lower_bound", "mi_grad_ratio_max"} <= keys
+    assert not keys & {"images_per_s", "lr", "machine", "sources_sha256", "storage"}, keys
+    machine = json.loads((project / "provenance" / "pretrain" / "synthetic-simclr-sae-seed1.json").read_text())
+    assert machine["machine"]["cpu_capability"] and machine["images_per_s"] > 0
+    plots = run(project, "dvc", "plots", "show", "--json")
+    assert "failed to load" not in plots.stdout + plots.stderr
+    drawn = json.loads(plots.stdout)
+    assert not drawn.get("errors") and len(drawn["data"]) == 6, drawn.get("errors")
+    cells = {row["cell"] for row in drawn["data"]["SSL loss"][0]["content"]["data"]["values"]}
+    assert cells == {f"synthetic-simclr-{v}-seed{s}" for v in ("baseline", "sae") for s in (0, 1)}
+
+
 def would_run(project: Path) -> set[str]:
     """The stages `dvc repro` would run: the changed ones and everything downstream of them (a dry run cannot know
     that their outputs will change, so it is told: --force-downstream)."""
     dry = run(project, "dvc", "repro", "--dry", "--allow-missing", "--force-downstream").stdout
     return {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+
+
+def test_an_image_edited_in_place_makes_a_folder_dataset_stale(project, tmp_path_factory):
+    """Issue 20: a `folder` tree's images were not part of its provenance: replacing an image under the same
+    name reran nothing (DVC tracked the manifest, a list of names). The manifest now records each image's
+    SHA-256, and `prepare` links every image into its output, which DVC hashes through the links."""
+    tree = tmp_path_factory.mktemp("tree")
+    make_tree(tree, ["a", "b"], per_split=(("train", 4), ("val", 2)), size=(8, 8), fmt="PNG")
+    write_params(
+        project / "params.yaml",
+        project / "params.yaml",
+        experiment={"datasets": ["folder"]},
+        datasets={"folder": {"root": str(tree)}},
+    )
+    run(project, "dvc", "repro", "convert@folder")
+    manifest = project / "data" / "raw" / "folder" / "manifest.json"
+    digests = {
+        path: digest for split in json.loads(manifest.read_text())["files"].values() for path, _, digest in split
+    }
+    image = tree / "train" / "a" / "0.png"
+    assert digests["train/a/0.png"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert "up to date" in run(project, "dvc", "status", "--with-deps", "convert@folder").stdout
+
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(image)  # the same name and size, other pixels
+    status = json.loads(run(project, "dvc", "status", "--json", "convert@folder", "--with-deps").stdout)
+    assert status == {
+        "prepare@folder": [{"changed outs": {"data/raw/folder": "modified"}}],
+        "convert@folder": [{"changed deps": {"data/raw/folder": "modified"}}],
+    }
+    metadata = project / "metrics" / "datasets" / "folder.json"
+    before = json.loads(metadata.read_text())["sources_sha256"]
+    run(project, "dvc", "repro", "convert@folder")
+    assert json.loads(metadata.read_text())["sources_sha256"] != before  # the manifest holds the new digest
+    assert "up to date" in run(project, "dvc", "status", "--with-deps", "convert@folder").stdout

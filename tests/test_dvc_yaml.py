@@ -12,14 +12,16 @@ import typer
 from ruamel.yaml import YAML
 
 from pipeline.metrics import COLUMNS
-from pipeline.params import load_params
+from pipeline.params import TrainingParams, load_params
 from pipeline.plots import CURVES
 from stages.cli import app
 from tests.helpers import REPO
 
 DVC = YAML(typ="safe", pure=True).load((REPO / "dvc.yaml").read_text())
-# Modules that do not change what a stage computes: messages, progress display, staging of outputs, FFCV's import.
+# Modules that do not change what a stage computes: messages, progress display, staging of outputs, FFCV's import,
+# the record of the machine it ran on (the report, which lists the machines, depends on it by name).
 NOT_DEPENDENCIES = {
+    "pipeline/provenance.py",
     "pipeline/__init__.py",
     "pipeline/errors.py",
     "pipeline/progress.py",
@@ -92,6 +94,36 @@ def test_params_keys_exist(stage):
             node = node[part]
 
 
+def training_knobs_read(trees: list[ast.AST]) -> set[str]:
+    """The `training` fields that `trees` read: `training.X` or `params.training.X`."""
+    return {
+        node.attr
+        for tree in trees
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and (
+            (isinstance(node.value, ast.Name) and node.value.id == "training")
+            or (isinstance(node.value, ast.Attribute) and node.value.attr == "training")
+        )
+    }
+
+
+@pytest.mark.parametrize("stage", list(DVC["stages"]))
+def test_training_knobs_that_change_numbers_are_params_of_the_stages_reading_them(stage):
+    """Issue 17.4: a knob that changes results (rounding) and is not a DVC param changes them unseen by `dvc status`
+    and the audit; a speed-only knob as a param would rerun stages for nothing."""
+    spec = DVC["stages"][stage].get("do", DVC["stages"][stage])
+    _, code = command(spec["cmd"])
+    read = training_knobs_read([code, *(ast.parse(m.read_text()) for m in imported_pipeline_modules(code))])
+    assert read <= set(TrainingParams.model_fields), f"{stage} reads training fields that do not exist: {read}"
+    changes = {name for name in read if TrainingParams.model_fields[name].json_schema_extra["changes_numbers"]}
+    params = {key for key in spec.get("params", []) if key.startswith("training.")}
+    assert params == {f"training.{name}" for name in changes}
+
+
 def test_plot_keys_and_curves_are_log_columns():
-    assert set(DVC["plots"][0]["runs"]["y"]) <= set(COLUMNS)
+    curves = [spec for plot in DVC["plots"] for spec in plot.values() if "reports/curves.csv" in spec["y"]]
+    plotted = [spec["y"]["reports/curves.csv"] for spec in curves]  # the figures' plots: tests/test_figures_dvc.py
+    assert plotted and len(plotted) == len(set(plotted)) and set(plotted) <= set(COLUMNS)  # one plot per quantity
+    assert all((REPO / spec["template"]).is_file() for spec in curves)
     assert {key for key, *_ in CURVES} <= set(COLUMNS)

@@ -65,7 +65,7 @@ def cell_metrics(variant: str, seed: int, top1: float, lower: float) -> tuple[Pr
     epoch = {"ssl_loss": 1.0, "mi_z1_z2": 0.1, "mi_z1_r_estimate": lower + 0.1, "entropy_z1": 1.0}
     pretrained = PretrainMetrics(
         **cell, **epoch, epoch=1, online_train_acc=0.5, lower_bound=lower, upper_bound=2 * lower, mi_grad_ratio=0.0,
-        online_test_acc=0.5, lr=0.0, images_per_s=1.0, epochs=1, precision="fp32", mi_weight=0.0,
+        online_test_acc=0.5, epochs=1, precision="fp32", mi_weight=0.0,
         mi_grad_fp32=False, mi_grad_ratio_max=0.0,
     )  # fmt: skip
     evaluated = LinearEvalMetrics(

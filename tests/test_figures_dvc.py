@@ -34,7 +34,7 @@ def run(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.
 def demo(tmp_path_factory) -> Path:
     """`scripts/demo` with FIGURES=yes SEEDS=0 from a copy of the repository holding the tiny figure setting."""
     root = tmp_path_factory.mktemp("figures")
-    for name in ("pipeline", "stages", "references", "scripts"):
+    for name in ("pipeline", "stages", "references", "scripts", "plots"):
         shutil.copytree(REPO / name, root / "repo" / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, root / "repo" / name)

@@ -19,6 +19,9 @@ SECTIONS = {
     "precision",
     "gradients",
     "distributed",
+    "lars",
+    "losses",
+    "finetune",
     "loader",
     "packing",
     "compile",
@@ -50,7 +53,16 @@ def test_cpu_mode_reports_every_section_in_under_2_minutes(tmp_path):
     assert all("error" not in sections[name] and "skipped" not in sections[name] for name in SECTIONS - GPU_ONLY)
     for precision in ("fp32", "bf16"):
         assert sections["throughput"][f"{precision}_contiguous"]["images_per_s"] > 0
-    assert sections["augmentation"]["images_per_s"] > 0
+    for size in (32, 224):
+        assert sections["augmentation"][f"{size}px"]["size_px"] == size
+        assert sections["augmentation"][f"{size}px"]["images_per_s"] > 0
+    lars = sections["lars"]
+    assert lars["ops"] < lars["parameter_tensors"] < lars["ops_nested"]  # fused: fewer launches than tensors
+    for method, out_dim in (("simclr", 256), ("barlow_twins", 2048)):  # params.yaml's CIFAR projections
+        cost = sections["losses"][f"cifar10-{method}"]
+        assert cost["shape"] == [2, 8, out_dim] and cost["bf16_ms"] > 0 and cost["fp32_ms"] > 0
+    finetune = sections["finetune"]["cifar10-simclr"]
+    assert finetune["images_per_s"] > 0 and finetune["optimizer"] == "lars" and finetune["batch_size"] == 8
     assert sections["memory"]["cifar10-simclr-baseline"]["estimate_bytes"] > 0
     assert sections["precision"]["finite"]
     assert sections["precision"]["ssl_loss"]["relative_diff_first"] < 0.01  # bf16's rounding, before any drift

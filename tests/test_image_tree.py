@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import resource
 import subprocess
 
 import numpy as np
@@ -174,7 +175,7 @@ def test_test_split_folder_is_val_or_test(tmp_path, folders, message):
         return
     assert result.exit_code == 0, result.output
     test_files = json.loads((tmp_path / "raw" / "manifest.json").read_text())["files"]["test"]
-    assert test_files == [[f"{folders[0]}/a/0.JPEG", 0], [f"{folders[0]}/b/0.JPEG", 1]]
+    assert [entry[:2] for entry in test_files] == [[f"{folders[0]}/a/0.JPEG", 0], [f"{folders[0]}/b/0.JPEG", 1]]
 
 
 def test_per_class_caps_keep_a_fixed_choice(tmp_path):
@@ -182,7 +183,7 @@ def test_per_class_caps_keep_a_fixed_choice(tmp_path):
     assert folder_cli(tmp_path, "prepare", train_per_class=3, test_per_class=1).exit_code == 0
     files = json.loads((tmp_path / "raw" / "manifest.json").read_text())["files"]
     by_hash = sorted((f"{i}.JPEG" for i in range(9)), key=lambda name: hashlib.sha256(name.encode()).digest())
-    assert [path for path, label in files["train"] if label == 0] == [f"train/a/{n}" for n in sorted(by_hash[:3])]
+    assert [path for path, label, _ in files["train"] if label == 0] == [f"train/a/{n}" for n in sorted(by_hash[:3])]
     assert len(files["train"]) == 6 and len(files["test"]) == 2
     assert folder_cli(tmp_path, "prepare", train_per_class=None, test_per_class=None).exit_code == 0
     assert len(json.loads((tmp_path / "raw" / "manifest.json").read_text())["files"]["train"]) == 18
@@ -215,3 +216,24 @@ def test_16_bit_images_keep_their_high_byte_with_a_warning(tmp_path):
     ) in result.output
     images = np.concatenate([x.numpy() for x, _ in eval_loader(tmp_path / "ffcv" / "train.beton", 4)])
     assert images[0, :, 0, 0].tolist() == [0x12] * 3 and images[2, :, 0, 0].tolist() == [0xFF, 0x00, 0x80]
+
+
+def test_a_huge_first_image_is_named_before_any_large_allocation(tmp_path):
+    """Issue 20: with a 10000x10000 PNG first among 32x32 ones, `convert` decoded it for the pixel statistics
+    and ended in numpy's `_ArrayMemoryError ... float64` (under an 8 GB address-space limit). Sizes are now
+    read from the headers and the odd image refused before any image is decoded."""
+    make_tree(tmp_path / "tree", ["a", "b"], per_split=(("train", 3), ("val", 2)), size=(32, 32), fmt="PNG")
+    Image.new("L", (10000, 10000)).save(tmp_path / "tree" / "train" / "a" / "0.png")  # the first image read
+    assert folder_cli(tmp_path, "prepare").exit_code == 0
+
+    def limited() -> None:  # 8 GB of address space: the stage's imports take about 4 GB of it
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+    args = ["--dataset", "folder", "--params", str(tmp_path / "p.yaml"), *convert_args(tmp_path)]
+    convert = stage_process("convert", *args, preexec_fn=limited)
+    output = convert.communicate(timeout=300)[0]
+    assert convert.returncode == 1 and "Traceback" not in output and "Warning" not in output, output
+    assert f"error: {tmp_path / 'tree/train/a/0.png'}: 10000x10000 pixels, but 9 other images are 32x32" in output, (
+        output
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml", "raw", "tree"]

@@ -4,6 +4,7 @@ copy of the project; plus the pieces (GPU slots, progress from a log, torchrun o
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,9 +17,11 @@ import torch
 from ruamel.yaml import YAML
 from typer.testing import CliRunner
 
+from pipeline.errors import UserError
+from pipeline.runtime import DEVICE_VARIABLE
 from stages.cli import app
-from stages.launch.local import LocalOptions, find_gpus
-from stages.launch.monitor import read_progress
+from stages.launch.local import LocalOptions, find_gpus, share_cpus
+from stages.launch.monitor import Slot, read_progress
 from stages.pretrain import NPROC_VARIABLE
 from tests.helpers import REPO, pretrain_args, tiny_sections, write_params
 
@@ -38,6 +41,10 @@ PARAMS = {
     # time to requeue mid-training: 20 epochs took 3 s, and a requeue under load landed after the task had ended
     "longer": {"pretrain": {"synthetic": {"barlow_twins": {"common": {"epochs": LONGER_EPOCHS}}}}},
     "failing": {"pretrain": {"synthetic": {"barlow_twins": {"common": {"batch_size": 1000}}}}},  # > the 80 images
+    "interruptible": {  # the barlow_twins cells only, long enough to interrupt mid-training
+        "experiment": {"methods": ["barlow_twins"]},
+        "pretrain": {"synthetic": {"barlow_twins": {"common": {"epochs": 20}}}},
+    },
 }
 SIMCLR = ["synthetic-simclr-baseline-0", "synthetic-simclr-baseline-1"]
 BARLOW = ["synthetic-barlow_twins-baseline-0", "synthetic-barlow_twins-baseline-1"]
@@ -168,7 +175,8 @@ def slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
     conf = root / "slurm.conf"
     conf.write_text(SLURM_CONF.format(root=root, ctld_port=free_port(), d_port=free_port()))
     (root / "gres.conf").write_text("NodeName=localhost Name=gpu File=/dev/tty[0-1]\n")
-    env = {**os.environ, "SLURM_CONF": str(conf)}
+    # the GPUs are fake: the tasks (which get the launch's environment) run their cells on the CPU on purpose
+    env = {**os.environ, "SLURM_CONF": str(conf), DEVICE_VARIABLE: "cpu"}
     daemons = []
     for command in (
         [
@@ -298,7 +306,8 @@ def finished(checkpoint: Path) -> bool:
 @pytest.mark.slow
 def test_local_runs_cells_on_pinned_gpus_reports_failures_and_a_relaunch_runs_only_changed_cells(project):
     use_params(project, "failing")
-    first = launch(project, "--backend", "local", "--gpus", "0,1", check=False)
+    # GPU ids on a CPU machine: the cells run on the CPU on purpose, pinned as on a 2-GPU machine
+    first = launch(project, "--backend", "local", "--gpus", "0,1", env={DEVICE_VARIABLE: "cpu"}, check=False)
     assert first.returncode == 1
     assert cells_to_run(first.stdout) == EVERY
     assert "cells: 6 done, 2 failed" in first.stdout
@@ -309,13 +318,52 @@ def test_local_runs_cells_on_pinned_gpus_reports_failures_and_a_relaunch_runs_on
     assert not (project / "reports").exists()
 
     use_params(project)
-    second = launch(project, "--backend", "local", "--cpu-jobs", "2", env={"CUDA_VISIBLE_DEVICES": ""})
+    second = launch(project, "--backend", "local", "--gpus", "cpu", "--cpu-jobs", "2")
     assert cells_to_run(second.stdout) == {*BARLOW, *UNTRAINED["barlow_twins"]}
     assert [attempts(project, cell)[-1][2] for cell in BARLOW] == ["", ""]  # on the CPU
+    if len(os.sched_getaffinity(0)) > 1:  # side by side, each on its own CPUs
+        assert "on CPU 0:" in second.stdout and "on CPU 1:" in second.stdout, second.stdout
     assert all(len(attempts(project, cell)) == 1 for cell in SIMCLR)
     check_pipeline_complete(project)
     assert "audit: OK" in second.stdout
     assert "everything is up to date" in launch(project, "--backend", "local").stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_interrupts_the_running_cells_and_the_next_launch_resumes_them_without_stale_locks(project):
+    """Issue 20.9: Ctrl-C listed the running cells as "failed (-15)" (SIGTERM killed DVC as well as the stage), and
+    the next launch's DVC warned that their RWLock entries "had been killed". Now they get Ctrl-C's SIGINT: the stage
+    stops (its checkpoint stays) and DVC releases its locks."""
+    use_params(project, "interruptible")
+    command = [sys.executable, "-m", "stages", "launch", "--backend", "local", "--gpus", "cpu", "--cpu-jobs", "2"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    logs = project / "logs" / "launch"
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    # as a launch started from a terminal: its own process group, Ctrl-C's SIGINT heard (a test run in the background
+    # would pass its SIG_IGN on)
+    hears_ctrl_c = {"start_new_session": True, "preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
+    with subprocess.Popen(command, cwd=project, env=env, **hears_ctrl_c, **pipes) as first:
+        wait_for(
+            lambda: any("epoch 2/" in log.read_text() for log in logs.glob("*.log")) or first.poll() is not None,
+            600,
+            lambda: "no cell reached its second epoch in 10 minutes",
+        )
+        os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's foreground processes
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 130, out + err
+    interrupted = re.findall(r"^interrupted (\S+) after", out, re.M)
+    assert interrupted and "failed" not in out, out
+    assert f"interrupted: {' '.join(interrupted)} (a checkpoint stays" in err, err
+    trained = [cell for cell in interrupted if "epoch 2/" in (logs / f"{cell}.log").read_text()]
+    assert trained, out
+
+    second = launch(project, "--backend", "local", "--gpus", "cpu", "--cpu-jobs", "2")
+    assert "audit: OK" in second.stdout
+    texts = [second.stdout, second.stderr, *(log.read_text() for log in logs.glob("*.log"))]
+    assert not any("had been killed" in text for text in texts)
+    for cell in trained:
+        this_attempt = (logs / f"{cell}.log").read_text().rsplit("launch: start ", 1)[1]
+        assert "resuming from " in this_attempt, this_attempt[-3000:]
 
 
 @pytest.mark.slow
@@ -327,22 +375,36 @@ def test_pretrain_reexecutes_itself_under_torchrun_when_asked(tiny_dataset, tmp_
         "stages",
         *pretrain_args(write_params(tmp_path / "p.yaml", **PARAMS["tiny"]), tiny_dataset, out),
     ]
-    env = {**os.environ, NPROC_VARIABLE: "2", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, NPROC_VARIABLE: "2", DEVICE_VARIABLE: "cpu"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["world_size"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["world_size"] == 2
 
 
-def test_gpus_come_from_the_option_else_cuda_visible_devices(monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert find_gpus(None) == ["2", "3"] and find_gpus("0, 1") == ["0", "1"] and find_gpus("") == []
+def test_gpus_come_from_the_option_else_cuda_visible_devices_and_must_exist(monkeypatch):
+    """Issue 20.4 and 20.6: `--gpus 7` without GPUs ran every cell on the CPU and exited 0; `none` was taken as a
+    GPU id, and the CPU's spelling (`--gpus ''`) was not documented."""
+    monkeypatch.delenv(DEVICE_VARIABLE, raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert find_gpus(None) == []
+    assert find_gpus(None) == [] and find_gpus("cpu") == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "97,98")  # no machine has these
+    with pytest.raises(UserError, match="^CUDA_VISIBLE_DEVICES 97,98: no GPU 97, 98 on this machine"):
+        find_gpus(None)
+    monkeypatch.setenv(DEVICE_VARIABLE, "cpu")  # the CPU on purpose: the ids only pin the cells
+    assert find_gpus(None) == ["97", "98"] and find_gpus("0, 1") == ["0", "1"]
 
 
-def test_slots_pin_gpu_groups_k_cells_each():
-    assert LocalOptions(["0", "1", "2", "3", "4"], 2, 2, 1).slots() == ["0,1", "2,3", "0,1", "2,3"]
-    assert LocalOptions([], 1, 3, 4).slots() == ["", "", "", ""]
+def test_slots_pin_gpu_groups_k_cells_each_and_share_the_cpus():
+    slots = LocalOptions(["0", "1", "2", "3", "4"], 2, 2, 1, tuple(range(8))).slots()
+    assert [slot.devices for slot in slots] == ["0,1", "2,3", "0,1", "2,3"]
+    assert [slot.cpus for slot in slots] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert LocalOptions([], 1, 3, 3, (0, 1, 2, 3, 5, 7, 8)).slots() == [
+        Slot("", (0, 1)),
+        Slot("", (2, 3)),
+        Slot("", (5, 7, 8)),
+    ]
+    assert share_cpus((4, 6), 3) == [(4,), (6,), (4,)]  # more cells than CPUs: one CPU each, in turn
+    assert str(Slot("", (0, 1, 2, 3, 6))) == "CPUs 0-3,6" and str(Slot("0,1", (5,))) == "GPU 0,1, CPU 5"
 
 
 def test_progress_is_read_from_the_current_stage_of_the_log(tmp_path):
@@ -372,11 +434,15 @@ def test_progress_is_read_from_the_current_stage_of_the_log(tmp_path):
             "--partition, --time: not an option of --backend local",
         ),
         (["--backend", "slurm", "--cpu-jobs", "2"], "--cpu-jobs: not an option of --backend slurm"),
-        (["--backend", "local", "--gpus", "", "--gpus-per-cell", "2"], "--gpus-per-cell 2: no GPU found"),
+        (["--backend", "local", "--gpus", "cpu", "--gpus-per-cell", "2"], "--gpus-per-cell 2: no GPU found"),
+        (["--backend", "local", "--gpus", "0,97"], "--gpus 0,97: no GPU "),
+        (["--backend", "local", "--gpus", "none"], "--gpus none: no GPU none on this machine"),
+        (["--backend", "local", "--gpus", ""], "--gpus '': names no GPU; name GPUs (e.g. --gpus 0,1), or write"),
     ],
 )
 def test_user_errors_are_one_line_without_traceback(options, message, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+    monkeypatch.delenv(DEVICE_VARIABLE, raising=False)
     result = CliRunner().invoke(app, ["launch", *options])
     assert result.exit_code == 1 and message in result.output
     assert "Traceback" not in result.output

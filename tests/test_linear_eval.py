@@ -5,7 +5,8 @@ import re
 import pytest
 import torch
 
-from pipeline.linear_eval import _fit, extract_features, feature_batches, linear_eval, load_backbone
+from pipeline.fit import train
+from pipeline.linear_eval import extract_features, feature_batches, linear_eval, load_backbone
 from pipeline.loaders import eval_loader, read_labels
 from pipeline.metrics import DatasetMetrics, LinearEvalMetrics
 from pipeline.model import build_model
@@ -48,7 +49,7 @@ def test_probe_learns_separable_features_deterministically(params, tiny_dataset,
     weights = []
     for _ in range(2):
         torch.manual_seed(0)
-        probe = _fit(
+        probe = train(
             torch.nn.Linear(16, 5),
             *feature_batches(features, labels, fit, run, CPU),
             fit,

@@ -5,8 +5,13 @@ import torch
 
 from pipeline.mutual_info import gram, matrix_mutual_info, renyi_entropy
 
+# The entropies are logs of sums of n² (α = 2) or n·α (eigenvalue) float32 terms in [0, 1]: their relative errors
+# are ≲ n²·u (u = 6e-8; n ≤ 16 here: 1.5e-5), below the rel 1e-4 used against the float64 eigenvalue formula.
+# Identities of exact inputs (identity, rank one, symmetry, scale invariance) carry only a few roundoffs: 1e-6..1e-5.
+
 
 def entropy_from_eigenvalues(k, alpha):
+    """H_α from the eigenvalues of K/n, in float64."""
     eigenvalues = torch.linalg.eigvalsh(k.double() / len(k)).clamp(min=0)
     return math.log(float((eigenvalues**alpha).sum())) / (1 - alpha)
 

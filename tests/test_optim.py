@@ -5,8 +5,11 @@ import sys
 import pytest
 import torch
 
+from pipeline.harness import launches
 from pipeline.optim import LARS, SGD, warmup_cosine
 from tests.helpers import REPO
+
+STEPS = 5
 
 
 def test_lars_matches_hand_computed_steps():
@@ -32,6 +35,72 @@ def test_lars_matches_hand_computed_steps():
     buf = [mu * d1[i] + d2[i] for i in range(2)]
     assert w.tolist()[0] == pytest.approx([expected_w[i] - lr * buf[i] for i in range(2)], rel=1e-6)
     assert b.item() == pytest.approx(1.0 - lr * 2.0 - lr * (mu * 2.0 - 1.0))
+
+
+def lars_reference(params, grads, lrs, weight_decay, eta, clip_lr, exclude_bias_n_norm, momentum=0.9, eps=1e-8):
+    """docs/method.md section 4's LARS as a straight line, one parameter at a time, in float64."""
+    params, buffers = [p.double() for p in params], [None] * len(params)
+    for step_grads, lr in zip(grads, lrs):
+        for i, (p, g) in enumerate(zip(params, step_grads)):
+            g = g.double()
+            p_norm, g_norm = p.norm().item(), g.norm().item()
+            d = g
+            if not (p.ndim == 1 and exclude_bias_n_norm) and p_norm != 0 and g_norm != 0:
+                r = eta * p_norm / (g_norm + weight_decay * p_norm + eps)
+                d = (g + weight_decay * p) * (min(r / lr, 1.0) if clip_lr else r)
+            buffers[i] = d if buffers[i] is None else momentum * buffers[i] + d
+            params[i] = p - lr * buffers[i]
+    return params
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("clip_lr", [True, False])
+@pytest.mark.parametrize("exclude_bias_n_norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lars_matches_the_float64_formula_over_steps(dtype, exclude_bias_n_norm, clip_lr, weight_decay):
+    """Matrices, vectors, a parameter that starts at 0 (‖p‖ = 0 at the first step) and one whose gradient is 0
+    (‖g‖ = 0: no update, weight decay included), over STEPS steps of varying lr with fixed gradients (no
+    feedback: errors add up linearly). Each step rounds ~10 times on the path to p, and the norms of n ≤ 24
+    elements add up to n roundings: 50·STEPS unit roundoffs of the parameters' scale bound the difference."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(4, 6), (6,), (3, 2, 2), (5,), (2, 3)]
+    start = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
+    start[4].zero_()
+    grads = [[torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes] for _ in range(STEPS)]
+    for step_grads in grads:
+        step_grads[2].zero_()
+    lrs = [0.5 * (step + 1) for step in range(STEPS)]
+    options = {"eta": 0.02, "clip_lr": clip_lr, "exclude_bias_n_norm": exclude_bias_n_norm}
+    params = [torch.nn.Parameter(p.to(dtype, copy=True)) for p in start]
+    opt = LARS(params, lr=0.0, momentum=0.9, weight_decay=weight_decay, **options)
+    for step_grads, lr in zip(grads, lrs):
+        for p, g in zip(params, step_grads):
+            p.grad = g.to(dtype)
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+    expected = lars_reference([p.to(dtype) for p in start], grads, lrs, weight_decay, **options)
+    tolerance = 50 * STEPS * torch.finfo(dtype).eps
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(params[2].detach(), start[2].to(dtype), rtol=0, atol=0)  # ‖g‖ = 0: d = g = 0
+
+
+def test_a_lars_step_launches_as_many_ops_for_40_tensors_as_for_4():
+    """Issue 18 item 8: ~10 ops per parameter tensor in a Python loop made the step launch-bound on a GPU. The
+    ops it calls from Python (each a kernel on a GPU: foreach ops are fused there) must not grow with the
+    number of tensors."""
+
+    def ops(n):
+        params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(n)] + [
+            torch.nn.Parameter(torch.randn(8)) for _ in range(n)
+        ]
+        opt = LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-4, eta=0.02, clip_lr=True, exclude_bias_n_norm=True)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # the momentum buffers' first step
+        return launches(opt.step, torch.device("cpu"))["ops"]
+
+    assert ops(40) == ops(4) < 30
 
 
 def test_lars_clip_caps_the_ratio_at_one():

@@ -1,12 +1,13 @@
 import time
-from typing import get_args
+from typing import Annotated, Literal, get_args
 
 import pytest
+from pydantic import Field, ValidationError
 from typer.testing import CliRunner
 
 from pipeline.datasets import DATASETS
 from pipeline.errors import ParamsError
-from pipeline.params import DatasetName, load_params
+from pipeline.params import DatasetName, Strict, _fields_at, load_params
 from stages.cli import app
 from tests.helpers import REPO, write_params
 
@@ -346,10 +347,94 @@ def test_unreadable_params_exit_2_with_one_line(tmp_path, make, message):
 def test_aliases_that_stay_small_are_accepted(tmp_path):
     text = (REPO / "params.yaml").read_text()
     path = tmp_path / "p.yaml"
-    path.write_text(
-        text.replace("seeds: [5, 6, 7]", "seeds: &seeds [5, 6, 7]").replace(
-            "augmentations:", "shared: *seeds\naugmentations:", 1
-        )
-    )
+    path.write_text(text.replace("augmentations:", "shared: &seeds [5, 6, 7]\nalso: *seeds\naugmentations:", 1))
     with pytest.raises(ParamsError, match=r"shared: unknown key"):  # parsed and validated: only the key is wrong
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    "sections, key, suggestion",
+    [
+        (
+            {"pretrain": {"synthetic": {"simclr": {"variants": {"mi_reg": {"mi_weigth": 1e-3}}}}}},
+            "pretrain.synthetic.simclr.variants.mi_reg.mi_weigth",
+            "mi_weight",
+        ),
+        (
+            {"augmentations": {"symmetric": {"view_a": {"flip_pp": 0.5}}}},
+            "augmentations.symmetric.view_a.flip_pp",
+            "flip_p",
+        ),
+        ({"datasets": {"folder": {"rooot": None}}}, "datasets.folder.rooot", "root"),
+    ],
+)
+def test_unknown_key_under_a_dict_suggests_the_closest(tmp_path, sections, key, suggestion):
+    """Issue 20: under dict-valued sections (`variants`, `augmentations`) the message was "unknown key;
+    allowed: " with an empty list and no suggestion."""
+    result = CliRunner().invoke(app, ["check-params", "--params", str(write_params(tmp_path / "p.yaml", **sections))])
+    assert result.exit_code == 2
+    assert f"{key}: unknown key (did you mean '{suggestion}'?)" in result.output, result.output
+
+
+def test_unknown_key_without_a_close_match_lists_the_allowed_keys(tmp_path):
+    path = write_params(tmp_path / "p.yaml", augmentations={"symmetric": {"view_b": {"zzz": 1}}})
+    with pytest.raises(
+        ParamsError, match=r"view_b\.zzz: unknown key; allowed: crop_scale, crop_ratio, interpolation, "
+    ):
+        load_params(path)
+
+
+class Leaf(Strict):
+    kind: Literal["leaf"]
+    alpha: int
+
+
+class Other(Strict):
+    kind: Literal["other"]
+    beta: int
+
+
+class Containers(Strict):
+    """One field per container kind the key walker follows."""
+
+    model: Leaf
+    models: dict[str, Leaf]
+    listed: list[Leaf]
+    optional: Leaf | None
+    either: Leaf | Other
+    tagged: Annotated[Leaf | Other, Field(discriminator="kind")]
+    nested: dict[str, list[Annotated[Leaf, Field(description="a leaf")] | None]]
+
+
+LEAF = ["kind", "alpha"]
+
+
+@pytest.mark.parametrize(
+    "field, value, parent, allowed",
+    [
+        ("model", {"kind": "leaf", "alpha": 1, "typo": 1}, ("model",), LEAF),
+        ("models", {"m": {"kind": "leaf", "alpha": 1, "typo": 1}}, ("models", "m"), LEAF),
+        ("listed", [{"kind": "leaf", "alpha": 1}, {"kind": "leaf", "alpha": 1, "typo": 1}], ("listed", 1), LEAF),
+        ("optional", {"kind": "leaf", "alpha": 1, "typo": 1}, ("optional",), LEAF),
+        ("either", {"kind": "other", "beta": 1, "typo": 1}, ("either", "Other"), ["kind", "beta"]),
+        ("tagged", {"kind": "other", "beta": 1, "typo": 1}, ("tagged", "other"), ["kind", "beta"]),
+        ("nested", {"n": [None, {"kind": "leaf", "alpha": 1, "typo": 1}]}, ("nested", "n", 1), LEAF),
+    ],
+)
+def test_key_walker_follows_every_container_kind(field, value, parent, allowed):
+    """`_fields_at` reads the allowed keys off the annotations, whatever container holds the model (a plain
+    union is reported once per member, under the member's name; a discriminated one under its tag)."""
+    valid = {"kind": "leaf", "alpha": 0}
+    data = {
+        "model": valid,
+        "models": {},
+        "listed": [],
+        "optional": None,
+        "either": valid,
+        "tagged": valid,
+        "nested": {},
+    }
+    with pytest.raises(ValidationError) as error:
+        Containers.model_validate(data | {field: value})
+    assert (*parent, "typo") in [e["loc"] for e in error.value.errors() if e["type"] == "extra_forbidden"]
+    assert _fields_at(Containers, parent) == allowed

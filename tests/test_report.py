@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import struct
 
 import pytest
@@ -10,7 +11,8 @@ from typer.testing import CliRunner
 from pipeline.errors import UserError
 from pipeline.metrics import EpochLog, LinearEvalMetrics, PretrainMetrics, write_log
 from pipeline.params import ExperimentParams
-from pipeline.report import write_report
+from pipeline.provenance import Machine, Provenance
+from pipeline.report import summary, write_report
 from pipeline.stats import paired_gain
 from stages.cli import app
 from stages.report import run_logs
@@ -30,9 +32,21 @@ EPOCH = {
     "lower_bound": 0.4,
     "upper_bound": 0.5,
     "online_test_acc": 0.5,
-    "lr": 0.0,
-    "images_per_s": 100.0,
 }
+MACHINE = Machine(
+    cpu="AMD EPYC",
+    cpu_capability="AVX2",
+    onednn_isa="Intel AVX2",
+    threads=1,
+    gpu=None,
+    gpu_driver=None,
+    torch="2.0",
+    cuda=None,
+    cudnn=None,
+    ffcv="1.0.2",
+    python="3.11.7",
+    code_version="abc1234",
+)
 
 
 def write_cells(root, precision="fp32", ratio=1e-3, mi_grad_fp32=False):
@@ -41,6 +55,11 @@ def write_cells(root, precision="fp32", ratio=1e-3, mi_grad_fp32=False):
             cell = {"dataset": "cifar10", "method": "simclr", "variant": variant, "seed": seed}
             folder = "untrained" if variant == "untrained" else "linear_eval"
             (root / folder).mkdir(exist_ok=True)
+            for kind in (folder, "pretrain") if variant != "untrained" else (folder,):
+                (root / "provenance" / kind).mkdir(parents=True, exist_ok=True)
+                (root / "provenance" / kind / f"{variant}-{seed}.json").write_text(
+                    Provenance(**cell, machine=MACHINE).model_dump_json()
+                )
             (root / folder / f"{variant}-{seed}.json").write_text(
                 LinearEvalMetrics(
                     **cell,
@@ -74,16 +93,18 @@ def write_cells(root, precision="fp32", ratio=1e-3, mi_grad_fp32=False):
             )
             run = root / "runs" / "cifar10" / "simclr" / variant / f"seed{seed}"
             run.mkdir(parents=True)
-            write_log(run / "log.csv", [EpochLog(epoch=e, **EPOCH, mi_grad_ratio=ratio) for e in (1, 2)])
+            rows = [EpochLog(epoch=e, **EPOCH, mi_grad_ratio=ratio, lr=0.0, images_per_s=100.0) for e in (1, 2)]
+            write_log(run / "log.csv", rows)
 
 
-def make_report(root, out, figures=()):
-    write_report(
+def make_report(root, out):
+    return write_report(
         EXPERIMENT,
-        list(figures),
+        [],  # no figures: tests/test_figures_dvc.py draws them
         root / "pretrain",
         root / "linear_eval",
         root / "untrained",
+        root / "provenance",
         run_logs(root / "runs"),
         REPO / "references" / "paper.yaml",
         out,
@@ -114,6 +135,13 @@ def test_table_numbers_match_hand_computation(report):
         untrained["mean"] == pytest.approx(32.0) and untrained["std"] == pytest.approx(2.0) and "gain" not in untrained
     )
     assert rows["probe_top1", "baseline"]["mean"] == pytest.approx(81.0) and baseline["protocol"] == "finetune"
+
+
+def test_summary_is_the_tables_numbers_for_dvc(tmp_path):
+    write_cells(tmp_path)
+    shown = summary(make_report(tmp_path, tmp_path / "reports"))["top1"]["cifar10"]["simclr"]
+    assert shown["mi_reg"] == pytest.approx({"mean": 93.3333333, "std": 1.2583057, "gain": 2.3333333})
+    assert set(shown) == {"untrained", "baseline", "mi_reg"} and "gain" not in shown["baseline"]
 
 
 def test_markdown_csv_and_plots_are_written(report):
@@ -154,28 +182,111 @@ def test_missing_cell_is_an_error(tmp_path):
     assert not (tmp_path / "reports").exists()
 
 
-def test_compare_passes_within_tolerance_and_names_what_departs(report, tmp_path):
-    def compare(reference, tolerance):
-        return CliRunner().invoke(app, ["compare", str(report), str(reference), "--tolerance", str(tolerance)])
+def test_report_lists_the_machines_of_its_cells(report):
+    assert json.loads((report / "results.json").read_text())["machines"] == [
+        {
+            "machine": MACHINE.model_dump(),
+            "records": 3 * 3 + 2 * 3,
+        }  # evaluations of 3 encoders, 2 pretrainings, 3 seeds
+    ]
+    assert f"- {MACHINE.text()}: 15 stage runs" in (report / "results.md").read_text()
 
+
+def report_of(folder, rows, machine=MACHINE):
+    """A report folder whose results.json has `rows`: {(metric, variant): (mean, std, n)}."""
+    folder.mkdir()
+    listed = [
+        {"metric": m, "dataset": "synthetic", "method": "simclr", "variant": v, "mean": mean, "std": std, "n": n}
+        for (m, v), (mean, std, n) in rows.items()
+    ]
+    machines = [{"machine": machine.model_dump(), "records": 15}]
+    (folder / "results.json").write_text(json.dumps({"rows": listed, "machines": machines}))
+    return folder
+
+
+def compare(report, reference, *options):
+    return CliRunner().invoke(app, ["compare", str(report), str(reference), *options])
+
+
+# A demo-like reference: 5 variants, seeds' spread of 2-4 points, 3 seeds
+REFERENCE = {
+    (metric, variant): (mean + offset, std, 3)
+    for metric, offset in (("top1", 0.0), ("probe_top1", 10.0), ("knn_top1", 5.0))
+    for variant, mean, std in (
+        ("untrained", 12.0, 1.5),
+        ("baseline", 40.0, 2.5),
+        ("mi_reg", 39.0, 3.0),
+        ("discrete", 41.0, 2.0),
+        ("sae", 40.5, 3.5),
+    )
+}
+
+
+def test_compare_passes_a_rerun_within_the_seeds_noise(tmp_path):
+    """Another machine: every mean moved by about one standard deviation of the seeds, either way."""
+    rerun = {
+        key: (mean + (std if k % 2 else -std), std * (0.6 if k % 3 else 1.4), n)
+        for k, (key, (mean, std, n)) in enumerate(REFERENCE.items())
+    }
+    other = MACHINE.model_copy(update={"cpu": "Intel Xeon", "cpu_capability": "AVX512", "onednn_isa": "AVX-512 AMX"})
+    result = compare(report_of(tmp_path / "a", rerun, other), report_of(tmp_path / "b", REFERENCE))
+    assert result.exit_code == 0, result.output
+    assert f"compare: OK ({tmp_path / 'a'} agrees with {tmp_path / 'b'} on all 15 rows" in result.output
+    assert "Intel Xeon (ATen AVX512" in result.output and "AMD EPYC (ATen AVX2" in result.output  # machines differ
+    assert "DEPARTS" not in result.output
+
+
+@pytest.mark.parametrize(
+    "broken, variant",
+    [
+        ({"top1": 11.0, "probe_top1": 20.0, "knn_top1": 16.0}, "sae"),  # a variant at the untrained level
+        ({"top1": 20.0, "probe_top1": 25.0, "knn_top1": 22.5}, "baseline"),  # a method whose accuracy halves
+    ],
+)
+def test_compare_fails_a_real_regression(tmp_path, broken, variant):
+    regressed = REFERENCE | {(m, variant): (mean, REFERENCE[m, variant][1], 3) for m, mean in broken.items()}
+    result = compare(report_of(tmp_path / "a", regressed), report_of(tmp_path / "b", REFERENCE))
+    assert result.exit_code == 1
+    for metric in broken:
+        assert re.search(rf"{metric} synthetic simclr {variant}: .* allowed [\d.]+  DEPARTS", result.output)
+    assert "machines of" not in result.output  # the same machine: not listed
+
+
+def test_compare_allows_the_t_interval_with_the_pooled_spread_at_the_bonferroni_level(tmp_path):
+    """One row: 41 ± 2 against 40 ± 3, n = 3 each. Pooled: s² = (2·2² + 2·3²) / 4 = 6.5, ν = 4; one row, so
+    t(1 − 0.05 / 2, 4) = 2.7764, and the allowed difference is 2.7764 · √6.5 · √(1/3 + 1/3) = 5.78 points."""
+    ours, theirs = {("top1", "sae"): (41.0, 2.0, 3)}, {("top1", "sae"): (40.0, 3.0, 3)}
+    result = compare(report_of(tmp_path / "a", ours), report_of(tmp_path / "b", theirs))
+    assert (
+        "top1 synthetic simclr sae: 41.00 ± 2.00 (n=3) against 40.00 ± 3.00 (n=3): +1.00, allowed 5.78" in result.output
+    )
+    assert compare(report_of(tmp_path / "c", {("top1", "sae"): (45.7, 2.0, 3)}), tmp_path / "b").exit_code == 0
+    assert compare(report_of(tmp_path / "d", {("top1", "sae"): (45.8, 2.0, 3)}), tmp_path / "b").exit_code == 1
+    # Two rows of one group: ν = 8, and R = 2 rows: t(1 − 0.05 / 4, 8) = 2.7515; s² = (4·6.5 + 2·0 + 2·4) / 8
+    two = {("top1", "sae"): (41.0, 2.0, 3), ("top1", "baseline"): (50.0, 0.0, 3)}
+    result = compare(
+        report_of(tmp_path / "e", two), report_of(tmp_path / "f", theirs | {("top1", "baseline"): (50.0, 2.0, 3)})
+    )
+    assert f"allowed {2.7515 * (34 / 8) ** 0.5 * (2 / 3) ** 0.5:.2f}" in result.output
+    single = {("top1", "sae"): (40.0, None, 1)}  # no spread on either side: the floor
+    one_seed = compare(report_of(tmp_path / "g", {("top1", "sae"): (41.5, None, 1)}), report_of(tmp_path / "h", single))
+    assert one_seed.exit_code == 1 and "+1.50, allowed 1.00  DEPARTS" in one_seed.output
+    assert compare(tmp_path / "g", tmp_path / "h", "--floor", "2").exit_code == 0
+
+
+def test_compare_names_what_is_missing_or_unreadable(report, tmp_path):
     results = json.loads((report / "results.json").read_text())
-    row = next(r for r in results["rows"] if (r["metric"], r["variant"]) == ("top1", "baseline"))
-    row["mean"] += 1.5  # linear top-1 of the baseline: 91.00 -> 92.50
+    del results["rows"][-1]  # online top-1 of mi_reg
     reference = tmp_path / "reference"
     reference.mkdir()
     (reference / "results.json").write_text(json.dumps(results))
-    assert "largest difference 0.00" in compare(report, 0).output
-    assert "largest difference 1.50" in compare(reference, 2).output
-    result = compare(reference, 1)
-    assert result.exit_code == 1 and "top1 cifar10 simclr baseline: 91.00 against 92.50 (tolerance 1)" in result.output
-    del results["rows"][-1]  # online top-1 of mi_reg
-    (reference / "results.json").write_text(json.dumps(results))
-    result = compare(reference, 2)
+    result = compare(report, reference)
     assert result.exit_code == 1 and "online_test_acc cifar10 simclr mi_reg: only in the report" in result.output
-    assert "is not a report folder" in compare(tmp_path, 2).output
-    assert "--tolerance: found nan" in compare(report, float("nan")).output
+    assert "is not a report folder" in compare(tmp_path, report).output
+    assert "--floor: found nan" in compare(report, report, "--floor", "nan").output
+    assert "--alpha: found 1.0" in compare(report, report, "--alpha", "1").output
     (reference / "results.json").write_text(json.dumps(results)[:100])
-    result = compare(reference, 2)
+    result = compare(report, reference)
     assert result.exit_code == 1 and "results.json: not a report's results.json (JSONDecodeError" in result.output
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import get_args
 
 from pipeline.datasets.cifar import CIFAR10, CIFAR100, RecordLayout, load_records, prepare_archive
-from pipeline.datasets.image_tree import load_tree, prepare_tree
+from pipeline.datasets.image_tree import load_tree, prepare_tree, tree_problem
 from pipeline.datasets.splits import Labeled
 from pipeline.datasets.synthetic import load_synthetic, prepare_synthetic
 from pipeline.errors import UserError
@@ -29,6 +29,7 @@ class DatasetSpec:
     load: Callable[[Path], Labeled]  # raw folder -> classes and splits
     storage: Callable[[Params], dict]  # ffcv RGBImageField arguments
     downloads: bool = False  # `prepare` caches an archive in the downloads folder
+    problem: Callable[[Params], str | None] = lambda params: None  # why `prepare` would stop (None: it would not)
 
 
 def _jpeg(name: str, params: Params) -> dict:
@@ -53,6 +54,7 @@ DATASETS: dict[str, DatasetSpec] = {
         lambda params, out, _: prepare_tree("imagenet100", params, out),
         load_tree,
         partial(_jpeg, "imagenet100"),
+        problem=partial(tree_problem, "imagenet100"),
     ),
     "synthetic": DatasetSpec(
         None, "cifar", None, lambda params, out, _: prepare_synthetic(params, out), load_synthetic, lambda params: RAW
@@ -64,6 +66,7 @@ DATASETS: dict[str, DatasetSpec] = {
         lambda params, out, _: prepare_tree("folder", params, out),
         load_tree,
         partial(_jpeg, "folder"),
+        problem=partial(tree_problem, "folder"),
     ),
 }
 assert set(DATASETS) == set(get_args(DatasetName)), "registry keys must equal the params names"
@@ -73,3 +76,12 @@ def get_dataset(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     return DATASETS[name]
+
+
+def unpreparable(params: Params) -> list[str]:
+    """Why datasets of `experiment` cannot be prepared as configured (an image tree not set, or not there)."""
+    return [
+        f"{name} cannot be prepared as configured: {problem}"
+        for name in params.experiment.datasets
+        if (problem := DATASETS[name].problem(params))
+    ]

@@ -6,6 +6,7 @@ keeps its high byte (value >> 8). Pillow does this itself for 16-bit colour; for
 integer and float images are refused. `convert` logs which files were 16-bit (see `survey_tree`).
 """
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,13 @@ UNSUPPORTED_MODES = {"I": "32-bit integer", "F": "32-bit float"}
 
 
 def open_image(path: Path) -> Image.Image:
-    """The image at `path`, header read, pixels not yet decoded; a UserError naming it if unreadable."""
+    """The image at `path`, header read, pixels not yet decoded; a UserError naming it if unreadable.
+    Pillow's warning about images over 89 megapixels is not shown (a Python warning line, naming Pillow's
+    source): images over twice that are refused as unreadable, and `convert` names odd sizes itself."""
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: not a readable image ({e})") from None
     if image.mode in UNSUPPORTED_MODES:

@@ -1,23 +1,28 @@
 """Datasets that are folders of image files on the user's disk: ImageNet-100 and any ImageFolder tree.
 
 The tree is `root/train/<class>/<image>` and, for the test split, `root/val/<class>/<image>` or
-`root/test/<class>/<image>` (exactly one of the two). Preparing one writes a manifest (root, classes,
-files per split); images are read at conversion. DVC tracks the manifest, so adding or removing files
-re-runs conversion; editing an image in place does not (then run `dvc repro --force prepare@<name>`).
+`root/test/<class>/<image>` (exactly one of the two). Preparing one writes a manifest (root, classes, and
+per split the files with their label and SHA-256) and `images/`, a symbolic link to every image listed,
+at its path under the root; images are read at conversion. DVC hashes the prepared folder through these
+links (and keeps the hashes in its state, by file size and modification time), so an image added, removed
+or edited in place makes the dataset's stages stale. The prepared folder is not cached by DVC
+(`cache: false`): caching would replace the links by copies of the images.
 """
 
 import hashlib
 import json
 import logging
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.atomic import atomic_dir
-from pipeline.datasets.image_files import is_16_bit, open_image, read_rgb, to_rgb8
-from pipeline.datasets.splits import ChannelMoments, ImageSummary, Labeled
+from pipeline.datasets.download import file_digest
+from pipeline.datasets.image_files import is_16_bit, open_image, read_rgb
+from pipeline.datasets.splits import ChannelMoments, ImageSummary, Labeled, Split
 from pipeline.errors import UserError
 from pipeline.params import Params
 from pipeline.progress import progress
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
 MANIFEST = "manifest.json"
+LINKS = "images"  # the prepared folder's links to the images, by their path under the root
 TEST_FOLDERS = ("val", "test")  # the test split's folder: either name
 LISTED = 10  # problems listed in a message beyond the first
 
@@ -73,6 +79,15 @@ def subsample(images: list[Path], cap: int | None) -> list[Path]:
     return sorted(sorted(images, key=lambda p: hashlib.sha256(p.name.encode()).digest())[:cap])
 
 
+def tree_problem(name: str, params: Params) -> str | None:
+    """What would stop `prepare` before it lists the tree of dataset `name` (its root), or None."""
+    try:
+        _tree_root(getattr(params.datasets, name).root, f"datasets.{name}")
+    except UserError as e:
+        return str(e)
+    return None
+
+
 def _tree_root(root: str | None, key: str) -> Path:
     if root is None:
         raise UserError(f"{key}.root is not set: point it at a folder holding train/ and val/ (or test/) class folders")
@@ -111,9 +126,10 @@ class FileSplit:
     """Images read from disk on demand, as (H, W, 3) uint8 RGB."""
 
     def __init__(self, root: Path, entries: list[list]):
+        """`entries`: the manifest's [path under `root`, label, SHA-256] of each image."""
         self.root = root
-        self.paths = [path for path, _ in entries]
-        self.labels = np.array([label for _, label in entries], dtype=np.int64)
+        self.paths = [entry[0] for entry in entries]
+        self.labels = np.array([entry[1] for entry in entries], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -126,28 +142,11 @@ class FileSplit:
 
 
 def survey_tree(data: Labeled, key: str, one_size: bool) -> ImageSummary:
-    """Open every image of both splits before anything is written: refuse unreadable ones, and say
-    which are 16-bit. With `one_size` (the loader decodes images as stored, so a batch needs one size)
-    refuse images whose size differs from the others', and decode the train split for its mean and std."""
-    sizes: dict[tuple[int, int], list[Path]] = defaultdict(list)
-    unreadable, deep, moments = [], [], ChannelMoments()
-    with progress("check images", len(data.train) + len(data.test), "images") as advance:
-        for split in (data.train, data.test):
-            assert isinstance(split, FileSplit), type(split)
-            for i in range(len(split)):
-                path = split.path(i)
-                try:
-                    with open_image(path) as image:
-                        sizes[image.size].append(path)
-                        if is_16_bit(image):
-                            deep.append(path)
-                        if one_size and split is data.train and image.size == next(iter(sizes)):
-                            moments.add(to_rgb8(image, path))
-                except UserError as e:
-                    unreadable.append(str(e))
-                advance(1)
-    if unreadable:
-        raise UserError(_listed(unreadable, "unreadable images"))
+    """Open every image of both splits before anything is written: refuse unreadable ones, and say which
+    are 16-bit. With `one_size` (the loader decodes images as stored, so a batch needs one size), refuse
+    images whose size differs from the others', by name and from their headers, before decoding any; then
+    decode the train split, one image at a time, for its mean and std."""
+    sizes, deep = _read_headers(data)
     if deep:
         log.warning(
             "%d 16-bit image(s), e.g. %s: stored with 8 bits per channel (the high byte of each value)",
@@ -158,7 +157,44 @@ def survey_tree(data: Labeled, key: str, one_size: bool) -> ImageSummary:
         return ImageSummary(None, None, None)
     _refuse_mixed_sizes(sizes, key)
     ((width, height),) = sizes
-    return ImageSummary([height, width, 3], *moments.result())
+    return ImageSummary([height, width, 3], *_train_moments(data.train))
+
+
+def _read_headers(data: Labeled) -> tuple[dict[tuple[int, int], list[Path]], list[Path]]:
+    """The images of both splits by size (width, height), and the 16-bit ones; unreadable ones refused."""
+    sizes: dict[tuple[int, int], list[Path]] = defaultdict(list)
+    unreadable, deep = [], []
+    with progress("check images", len(data.train) + len(data.test), "images") as advance:
+        for split in (data.train, data.test):
+            assert isinstance(split, FileSplit), type(split)
+            for i in range(len(split)):
+                try:
+                    with open_image(split.path(i)) as image:
+                        sizes[image.size].append(split.path(i))
+                        if is_16_bit(image):
+                            deep.append(split.path(i))
+                except UserError as e:
+                    unreadable.append(str(e))
+                advance(1)
+    if unreadable:
+        raise UserError(_listed(unreadable, "unreadable images"))
+    return sizes, deep
+
+
+def _train_moments(train: Split) -> tuple[list[float], list[float]]:
+    """Mean and std of the train split's pixels, decoded one image at a time; corrupt pixel data refused."""
+    assert isinstance(train, FileSplit), type(train)
+    moments, unreadable = ChannelMoments(), []
+    with progress("measure images", len(train), "images") as advance:
+        for i in range(len(train)):
+            try:
+                moments.add(read_rgb(train.path(i)))
+            except UserError as e:
+                unreadable.append(str(e))
+            advance(1)
+    if unreadable:
+        raise UserError(_listed(unreadable, "unreadable images"))
+    return moments.result()
 
 
 def _refuse_mixed_sizes(sizes: dict[tuple[int, int], list[Path]], key: str) -> None:
@@ -186,8 +222,27 @@ def prepare_tree(name: str, params: Params, out: Path) -> None:
     classes = imagenet100_classes() if name == "imagenet100" else None
     per_class = {"train": getattr(tree, "train_per_class", None), "test": getattr(tree, "test_per_class", None)}
     manifest = scan_tree(tree.root, classes, f"datasets.{name}", per_class)
+    root, entries = Path(manifest["root"]), [entry for split in manifest["files"].values() for entry in split]
+    digests = image_digests(root, [path for path, _ in entries])
+    for entry in entries:
+        entry.append(digests[entry[0]])
     with atomic_dir(out) as staging:
         (staging / MANIFEST).write_text(json.dumps(manifest))
+        for folder in {Path(path).parent for path, *_ in entries}:
+            (staging / LINKS / folder).mkdir(parents=True, exist_ok=True)
+        for path, *_ in entries:
+            (staging / LINKS / path).symlink_to(root / path)
+
+
+def image_digests(root: Path, paths: list[str]) -> dict[str, str]:
+    """The SHA-256 of each file at `root / path`, read by a few threads at once (hashlib releases the GIL,
+    and reads from a slow disk overlap)."""
+    with ThreadPoolExecutor(max_workers=8) as pool, progress("digest images", len(paths), "images") as advance:
+        digests = {}
+        for path, digest in zip(paths, pool.map(lambda p: file_digest(root / p, "sha256"), paths)):
+            digests[path] = digest
+            advance(1)
+    return digests
 
 
 def load_tree(raw: Path) -> Labeled:

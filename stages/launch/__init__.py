@@ -2,6 +2,7 @@
 each cell `dvc repro --single-item pretrain@CELL linear-eval@CELL`, so DVC records every output; then the
 rest of the pipeline (the report) and the audit."""
 
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -54,16 +55,17 @@ def launch(
     gpus: Annotated[
         str | None,
         typer.Option(
-            help="local: the GPUs to use, e.g. 0,1,2,3 (default: "
-            "CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists; none: "
-            "the CPU)."
+            help="local: the GPUs to use, by index or UUID, e.g. 0,1,2,3, or cpu: the CPU (default: "
+            "CUDA_VISIBLE_DEVICES, else every GPU nvidia-smi lists, else the CPU). GPUs that do not exist are "
+            "refused, unless PROJECTOR_IB_DEVICE=cpu runs the cells on the CPU on purpose."
         ),
     ] = None,
     cells_per_gpu: Annotated[
         int | None, typer.Option(min=1, help="local: cells sharing a GPU at once (default 1).")
     ] = None,
     cpu_jobs: Annotated[
-        int | None, typer.Option(min=1, help="local, no GPU: cells at once on the CPU (default 1).")
+        int | None,
+        typer.Option(min=1, help="local, no GPU: cells at once on the CPU, each on its share of the CPUs (default 1)."),
     ] = None,
 ) -> None:
     """Run the cells that are not up to date: the data stages first, here, then the cells (an sbatch array,
@@ -87,7 +89,8 @@ def launch(
             gpus_per_cell, max_running, partition, time_limit, account, tuple(sbatch_arg or ()), exec_prefix
         )
     else:
-        slots = LocalOptions(find_gpus(gpus), gpus_per_cell, cells_per_gpu or 1, cpu_jobs or 1).slots()
+        cpus = tuple(sorted(os.sched_getaffinity(0)))
+        slots = LocalOptions(find_gpus(gpus), gpus_per_cell, cells_per_gpu or 1, cpu_jobs or 1, cpus).slots()
     plan = read_plan()
     run_data_stages(plan)
     stale = stale_stages()

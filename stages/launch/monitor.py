@@ -17,17 +17,41 @@ RATE = re.compile(r"([\d.]+) images/s|images_per_s ([\d.]+)")
 TAIL_BYTES = 16_384
 
 
+@dataclass(frozen=True)
+class Slot:
+    """Where a cell runs: its GPUs (CUDA_VISIBLE_DEVICES; "" for the CPU) and the CPUs its processes may use."""
+
+    devices: str
+    cpus: tuple[int, ...]
+
+    def __str__(self) -> str:
+        cpus = f"CPU{'s' if len(self.cpus) > 1 else ''} {_ranges(self.cpus)}"
+        return f"GPU {self.devices}, {cpus}" if self.devices else cpus
+
+
+def _ranges(cpus: tuple[int, ...]) -> str:
+    """0,1,2,3,6 as 0-3,6 (taskset's list form)."""
+    spans: list[list[int]] = []
+    for cpu in cpus:
+        if spans and cpu == spans[-1][1] + 1:
+            spans[-1][1] = cpu
+        else:
+            spans.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
 @dataclass
 class CellRun:
-    """One cell's run on this machine: queued, then running on `devices`, then done or failed."""
+    """One cell's run on this machine: queued, then running in `slot`, then done, failed or interrupted."""
 
     cell: Cell
     log: Path
-    devices: str | None = None  # CUDA_VISIBLE_DEVICES while running; "" on CPU
+    slot: Slot | None = None  # while running and after
     process: Popen | None = None
     started: float = 0.0
     ended: float = 0.0
     returncode: int | None = None
+    interrupted: bool = False  # stopped by the launch's Ctrl-C
     last_seen: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -37,16 +61,24 @@ class CellRun:
         return self.process
 
     @property
+    def placed(self) -> Slot:
+        """The cell's slot (it has started)."""
+        assert self.slot is not None, f"{self.cell.key} has not started"
+        return self.slot
+
+    @property
     def state(self) -> str:
         if self.process is None:
             return "queued"
         if self.returncode is None:
             return "running"
-        return "done" if self.returncode == 0 else f"failed ({self.returncode})"
+        if self.returncode == 0:
+            return "done"
+        return "interrupted" if self.interrupted else f"failed ({self.returncode})"
 
     @property
     def where(self) -> str:
-        return "" if self.devices is None else f"GPU {self.devices}" if self.devices else "CPU"
+        return "" if self.slot is None else str(self.slot)
 
     def elapsed(self) -> str:
         if not self.started:
