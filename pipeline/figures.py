@@ -172,30 +172,36 @@ def draw_figures(
     }
 
 
+POINT_COLUMNS = ["variant", "family", "seed", *BOUNDS, *ACCURACIES]  # fig3-bounds.csv
+CURVE_COLUMNS = ["variant", "value", "log10_value", *(f"{a}_{k}" for a in ACCURACIES for k in ("mean", "std")), "n"]
+
+
 def write_figures(drawn: dict, folder: Path) -> None:
     """Fig. 3: fig3-bounds.csv (a row per cell), fig3-correlations.csv, fig3-bounds.png; Fig. 4: fig4-<knob>.csv (a
-    row per point: means and stds of each accuracy; log10_value for DVC's linear plot) and fig4-ablations.png."""
-    if bounds := drawn.get("bounds"):
-        _write_csv(folder / "fig3-bounds.csv", bounds["points"])
-        _write_csv(folder / "fig3-correlations.csv", bounds["correlations"])
+    row per point: means and stds of each accuracy; log10_value for DVC's linear plot) and fig4-ablations.png.
+    The CSVs that dvc.yaml plots are always written, with their header alone where a figure or knob has no
+    points, so that `dvc plots show` draws them empty rather than failing to load them."""
+    bounds, ablations = drawn.get("bounds"), drawn.get("ablations")
+    _write_csv(folder / "fig3-bounds.csv", bounds["points"] if bounds else [], POINT_COLUMNS)
+    if bounds:
+        _write_csv(folder / "fig3-correlations.csv", bounds["correlations"], list(bounds["correlations"][0]))
         bounds_scatter(bounds, BOUNDS, ACCURACIES, folder / "fig3-bounds.png")
-    if ablations := drawn.get("ablations"):
-        for knob in KNOBS:
-            curves = [c for c in ablations["curves"] if c["knob"] == knob]
-            if curves:
-                rows = [
-                    {"variant": p["variant"], "value": p["value"], "log10_value": math.log10(p["value"])}
-                    | {f"{c['metric']}_{k}": c["points"][i][k] for c in curves for k in ("mean", "std")}
-                    | {"n": p["n"]}
-                    for i, p in enumerate(curves[0]["points"])
-                ]
-                _write_csv(folder / f"fig4-{knob}.csv", rows)
+    for knob in KNOBS:
+        curves = [c for c in ablations["curves"] if c["knob"] == knob] if ablations else []
+        rows = [
+            {"variant": p["variant"], "value": p["value"], "log10_value": math.log10(p["value"])}
+            | {f"{c['metric']}_{k}": c["points"][i][k] for c in curves for k in ("mean", "std")}
+            | {"n": p["n"]}
+            for i, p in enumerate(curves[0]["points"] if curves else [])
+        ]
+        _write_csv(folder / f"fig4-{knob}.csv", rows, CURVE_COLUMNS)
+    if ablations:
         ablation_curves(ablations, KNOBS, ACCURACIES, folder / "fig4-ablations.png")
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
 

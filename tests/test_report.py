@@ -154,6 +154,14 @@ def test_markdown_csv_and_plots_are_written(report):
     assert sorted(p.name for p in report.glob("*.png")) == ["curves-cifar10-simclr.png", "gains.png"]
 
 
+def test_the_plotted_figure_files_exist_without_figures(report):
+    """dvc.yaml plots the figures' CSVs: with the table only they are a header alone, which `dvc plots show` draws
+    empty (a missing file made it report "failed to load")."""
+    plotted = ["fig3-bounds.csv", "fig4-levels.csv", "fig4-mi_weight.csv", "fig4-sae_sparsity.csv"]
+    assert all(len((report / name).read_text().splitlines()) == 1 for name in plotted)
+    assert not list(report.glob("fig*.png")) and not (report / "fig3-correlations.csv").exists()
+
+
 def test_figures_fit_a_laptop_screen(report):
     """Issue 19.4: curves-<dataset>-<method>.png was 2400×320 px, six panels in one row; now a grid of panels,
     and every PNG fits 1400×1000 px (read at 100%)."""
