@@ -1,9 +1,10 @@
 # make setup: install everything (scripts/setup) | make test: lint, format and type checks, then the test suite
 # make demo: the pipeline on synthetic data, SimCLR (demo/) | make demo-full: SimCLR and Barlow Twins
+# make demo-figures: the paper's Fig. 3 and Fig. 4 (c)-(e) on synthetic data, SimCLR, seeds 0 and 1 (demo-figures/)
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup test demo demo-full
+.PHONY: setup test demo demo-full demo-figures
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock scripts/setup
@@ -21,3 +22,6 @@ demo: setup
 
 demo-full: setup
 	METHODS='simclr barlow_twins' scripts/demo
+
+demo-figures: setup
+	DEMO_DIR=demo-figures FIGURES=yes SEEDS='0 1' scripts/demo

@@ -13,6 +13,7 @@ from pipeline.params import DatasetName, MethodName, Strict
 
 S = TypeVar("S", bound=Strict)
 C = TypeVar("C", bound="CellMetrics")
+Cell = tuple[str, str, str, int]  # dataset, method, variant, seed
 
 
 class CellMetrics(Strict):
@@ -22,7 +23,7 @@ class CellMetrics(Strict):
     seed: int = Field(ge=0)
 
     @property
-    def cell(self) -> tuple[str, str, str, int]:
+    def cell(self) -> Cell:
         return self.dataset, self.method, self.variant, self.seed
 
 

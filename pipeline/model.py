@@ -13,7 +13,7 @@ from pipeline.errors import UserError
 from pipeline.losses import barlow_twins, nt_xent
 from pipeline.optim import LARS
 from pipeline.params import BarlowTwinsCommon, SimclrCommon
-from pipeline.projectors import HEADS, Projector
+from pipeline.projectors import Projector, build_head
 from pipeline.run import Run
 
 
@@ -65,8 +65,14 @@ def build_model(run: Run) -> SSLModel:
     it is `initial_backbone(run)`'s whatever the variant."""
     backbone = build_backbone(run)
     try:
-        head = HEADS[run.method](
-            backbone.feature_dim, run.common.projector_hidden_dim, run.common.projector_out_dim, run.variant.sae
+        v = run.variant
+        head = build_head(
+            backbone.feature_dim,
+            v.projector_layers,
+            v.projector_hidden_dim,
+            v.projector_out_dim,
+            v.projector_batch_norm,
+            v.sae,
         )
     except (RuntimeError, MemoryError) as e:  # the allocator's failure: a projector too large for this machine
         raise UserError(

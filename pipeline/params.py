@@ -93,9 +93,13 @@ class ExperimentParams(Strict):
     @field_validator("datasets", "methods", "variants", "seeds")
     @classmethod
     def _unique(cls, names: list) -> list:
-        if len(set(names)) != len(names):
-            raise ValueError("each entry may appear once")
-        return names
+        return _each_once(names)
+
+
+def _each_once(names: list) -> list:
+    if len(set(names)) != len(names):
+        raise ValueError("each entry may appear once")
+    return names
 
 
 class ViewParams(Strict):
@@ -149,9 +153,21 @@ class BarlowTwinsCommon(CommonParams):
     loss_scale: Positive
 
 
+BASELINE_HEADS: dict[str, tuple[int, bool]] = {
+    "simclr": (2, False),
+    "barlow_twins": (3, True),
+}  # per method: the baseline projector's linear layers and whether it has batch norm (docs/method.md 3.6)
+
+
 class VariantParams(Strict):
     """One variant: the paper's projector modifications it switches on, each on when its knobs are given
-    (docs/method.md section 1; any combination). `{}` is the baseline."""
+    (docs/method.md section 1; any combination), and the projector's shape where it departs from the method's
+    baseline head (docs/method.md 3.6). `{}` is the baseline.
+
+    The projector is (Linear–[BN]–ReLU) × (layers − 1), then Linear to the output width; 1 layer is a linear
+    projector, 0 none (z = h). A sparse autoencoder replaces its last two linear layers (it is two linear layers,
+    its latents the hidden layer): it acts on the output of the blocks before them, the features with 2 layers,
+    and its output has its input's width."""
 
     mi_weight: Positive | None = Field(None, description="λ: add λ · I(Z1;Z2) to the loss (docs/method.md 3.3).")
     mi_grad_fp32: bool | None = Field(
@@ -165,6 +181,31 @@ class VariantParams(Strict):
     levels: int | None = Field(None, ge=2, le=1000, description="L: quantize the projector output to L values (3.4).")
     sae_latent_dim: int | None = Field(None, ge=1, le=1_000_000, description="d: sparse-autoencoder projector (3.5).")
     sae_topk: int | None = Field(None, ge=1, description="k: latents the sparse autoencoder keeps per sample.")
+    projector_layers: int | None = Field(
+        None,
+        ge=0,
+        le=16,
+        description="Linear layers of the projector (default: the method's, SimCLR 2, Barlow Twins 3).",
+    )
+    projector_hidden_dim: int | None = Field(None, ge=1, le=65_536, description="Its hidden width (default: common's).")
+    projector_out_dim: int | None = Field(None, ge=1, le=65_536, description="Its output width (default: common's).")
+    projector_batch_norm: bool | None = Field(
+        None, description="Batch norm after each hidden layer (default: the method's, SimCLR no, Barlow Twins yes)."
+    )
+
+    def ablated(self) -> tuple[str, float] | None:
+        """For Fig. 4: the one knob this variant switches on and its value, ("mi_weight", λ), ("levels", L) or
+        ("sae_sparsity", k / d); None if it switches on another number of them or shapes its projector."""
+        shaped = any(
+            getattr(self, name) is not None for name in type(self).model_fields if name.startswith("projector_")
+        )
+        sparsity = self.sae_topk / self.sae_latent_dim if self.sae_topk and self.sae_latent_dim else None
+        knobs = [
+            (k, float(v))
+            for k, v in (("mi_weight", self.mi_weight), ("levels", self.levels), ("sae_sparsity", sparsity))
+            if v is not None
+        ]
+        return knobs[0] if len(knobs) == 1 and not shaped else None
 
     @model_validator(mode="after")
     def _knobs_come_together(self) -> "VariantParams":
@@ -309,8 +350,34 @@ class LinearEvalParams(Strict):
     folder: EvalMethods
 
 
+class FigureParams(Strict):
+    """One figure's own cells: its `points` (variants defined under `pretrain.<dataset>.<method>.variants` that
+    `experiment` does not build) × its `seeds`. It also reads the table's cells of its dataset, method and seeds:
+    the table's variants and the untrained encoder."""
+
+    dataset: DatasetName = Field(description="One of experiment.datasets.")
+    method: MethodName = Field(description="One of experiment.methods.")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, description="Some of experiment.seeds.")
+    points: list[str] = Field(description="Variant names, each its own cells; []: no figure.")
+
+    @field_validator("seeds", "points")
+    @classmethod
+    def _unique(cls, names: list) -> list:
+        return _each_once(names)
+
+
+class FiguresParams(Strict):
+    """The paper's figures beyond its tables: the cells each adds to `experiment`'s (docs/method.md §8)."""
+
+    bounds: FigureParams = Field(description="Fig. 3: the final bounds against top-1, a point per projector.")
+    ablations: FigureParams = Field(
+        description="Fig. 4 (c)-(e): top-1 against λ, L and k/d; each point switches on one of them alone."
+    )
+
+
 class Params(Strict):
     experiment: ExperimentParams
+    figures: FiguresParams
     download: DownloadParams
     datasets: DatasetsParams
     augmentations: dict[str, AugmentationParams]
@@ -338,6 +405,9 @@ def _cross_check(params: Params) -> list[str]:
                 for name in cell.variants
                 if name == UNTRAINED
             ]
+            problems += [
+                p for name, v in cell.variants.items() for p in _projector_fits(f"{key}.variants.{name}", v, method)
+            ]
             if dataset in experiment.datasets and method in experiment.methods:
                 problems += [
                     f"experiment.variants: {name!r} is not defined under {key}.variants"
@@ -347,7 +417,89 @@ def _cross_check(params: Params) -> list[str]:
                 ]
             fit = getattr(getattr(params.linear_eval, dataset), method)
             problems += _fit_fits(f"linear_eval.{dataset}.{method}", fit)
-    return problems + _fit_fits("linear_eval.probe", params.linear_eval.probe)
+    return problems + _fit_fits("linear_eval.probe", params.linear_eval.probe) + _figures_fit(params)
+
+
+def _figures_fit(params: Params) -> list[str]:
+    """A figure adds cells beside the table's: variants that are defined and that neither the table nor the other
+    figure builds (two stages cannot write one cell), in a dataset, method and seeds of the table, whose untrained
+    (and baseline) cells it reads. Fig. 4's points each switch on one knob."""
+    problems: list[str] = []
+    built: dict[tuple[str, str, str], str] = {}  # (dataset, method, point) -> the figure that builds it
+    for name in FiguresParams.model_fields:
+        figure, key = getattr(params.figures, name), f"figures.{name}"
+        if not figure.points:
+            continue
+        for field, value in (("datasets", figure.dataset), ("methods", figure.method)):
+            if value not in getattr(params.experiment, field):
+                problems.append(f"{key}.{field[:-1]}: {value!r} is not in experiment.{field}: {READS_THE_TABLE}")
+        if missing := [seed for seed in figure.seeds if seed not in params.experiment.seeds]:
+            problems.append(f"{key}.seeds: {missing} not in experiment.seeds: {READS_THE_TABLE}")
+        variants = getattr(getattr(params.pretrain, figure.dataset), figure.method).variants
+        for point in figure.points:
+            other = built.setdefault((figure.dataset, figure.method, point), name)
+            if point not in variants:
+                problems.append(
+                    f"{key}.points: {point!r} is not defined under pretrain.{figure.dataset}.{figure.method}."
+                    f"variants{_did_you_mean(point, list(variants))}"
+                )
+            elif point in params.experiment.variants:
+                problems.append(f"{key}.points: {point!r} is a variant of the table, whose cells it reads; remove it")
+            elif other != name:
+                problems.append(f"{key}.points: {point!r} is a point of figures.{other} too; keep it in one")
+    return problems + _ablations_fit(params)
+
+
+READS_THE_TABLE = "a figure reads the table's untrained (and baseline) cells of its dataset, method and seeds"
+
+
+def _ablations_fit(params: Params) -> list[str]:
+    """Fig. 4's points switch on one knob each, one value per point; its curves need the table's baseline."""
+    figure = params.figures.ablations
+    if not figure.points:
+        return []
+    problems = [] if "baseline" in params.experiment.variants else [f"figures.ablations: {NEEDS_BASELINE}"]
+    variants = getattr(getattr(params.pretrain, figure.dataset), figure.method).variants
+    seen: dict[tuple[str, float], str] = {}
+    for name in [v for v in params.experiment.variants if v in variants] + figure.points:
+        knob = variants[name].ablated() if name in variants else None
+        if knob is None and name in figure.points and name in variants:
+            problems.append(f"figures.ablations.points: {name!r} {ONE_KNOB}")
+        elif knob and (twin := seen.setdefault(knob, name)) != name:
+            problems.append(f"figures.ablations.points: {name!r} has {knob[0]} = {knob[1]:g} like {twin!r}")
+    return problems
+
+
+NEEDS_BASELINE = "its curves are drawn against the table's baseline: add 'baseline' to experiment.variants"
+ONE_KNOB = (
+    "must switch on exactly one of mi_weight (with mi_grad_fp32), levels or sae_latent_dim/sae_topk, and keep the "
+    "baseline's projector"
+)
+
+
+def _projector_fits(key: str, knobs: VariantParams, method: str) -> list[str]:
+    """Projector knobs a variant gives that its projector has no use for (its shape: VariantParams)."""
+    layers = BASELINE_HEADS[method][0] if knobs.projector_layers is None else knobs.projector_layers
+    sae = knobs.sae_latent_dim is not None
+    if sae and layers < 2:
+        return [
+            f"{key}.projector_layers: found {layers}; the sparse autoencoder replaces the projector's last two "
+            "linear layers, so it needs at least 2"
+        ]
+    shape = f"a projector of {layers} linear layer{'s' if layers != 1 else ''}" + (
+        " with a sparse autoencoder" if sae else ""
+    )
+    hidden = layers - 2 if sae else layers - 1
+    unused = {
+        "projector_hidden_dim": (hidden <= 0, "has no hidden layer"),
+        "projector_batch_norm": (hidden <= 0, "has no hidden layer"),
+        "projector_out_dim": (sae or layers == 0, "keeps its input's width"),
+    }
+    return [
+        f"{key}.{name}: {shape} {why}; remove {name}"
+        for name, (refused, why) in unused.items()
+        if refused and getattr(knobs, name) is not None
+    ]
 
 
 def _warmup_fits(key: str, warmup_epochs: int, epochs: int) -> list[str]:

@@ -5,7 +5,6 @@ projector/SAE -> quantizer -> (the regularizer sees the quantized output).
 """
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,25 +60,25 @@ class Projector(nn.Module):
         return quantize(self.head(h), self.levels)
 
 
-def simclr_head(in_dim: int, hidden_dim: int, out_dim: int, sae: tuple[int, int] | None) -> nn.Module:
-    """Linear–ReLU–Linear, no BN; the sparse autoencoder (latent dim, top-k) replaces it on the features."""
+def build_head(
+    in_dim: int, layers: int, hidden_dim: int, out_dim: int, batch_norm: bool, sae: tuple[int, int] | None
+) -> nn.Module:
+    """(Linear–[BN]–ReLU) × (layers − 1), then Linear(·, out_dim): the baselines' heads (docs/method.md 3.6) are
+    SimCLR's 2 layers without BN and Barlow Twins' 3 with BN; 1 layer is linear, 0 none (z = h). A sparse
+    autoencoder (latent dim, top-k) replaces the last two linear layers: SimCLR's then acts on the features,
+    Barlow Twins' on its first block's output (3.5)."""
+    if layers == 0:
+        return nn.Identity()
+    blocks: list[nn.Module] = []
+    width = in_dim
+    for _ in range(layers - 2 if sae else layers - 1):
+        blocks += [
+            nn.Linear(width, hidden_dim),
+            *([nn.BatchNorm1d(hidden_dim)] if batch_norm else []),
+            nn.ReLU(inplace=True),
+        ]
+        width = hidden_dim
     if sae:
-        return SparseAutoencoder(in_dim, *sae)
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
-
-
-def barlow_twins_head(in_dim: int, hidden_dim: int, out_dim: int, sae: tuple[int, int] | None) -> nn.Module:
-    """(Linear–BN–ReLU) × 2 then Linear; with a sparse autoencoder, the first block then the SAE."""
-    first = [nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
-    if sae:
-        return nn.Sequential(*first, SparseAutoencoder(hidden_dim, *sae))
-    return nn.Sequential(
-        *first,
-        nn.Linear(hidden_dim, hidden_dim),
-        nn.BatchNorm1d(hidden_dim),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, out_dim),
-    )
-
-
-HEADS: dict[str, Callable[..., nn.Module]] = {"simclr": simclr_head, "barlow_twins": barlow_twins_head}
+        autoencoder = SparseAutoencoder(width, *sae)
+        return nn.Sequential(*blocks, autoencoder) if blocks else autoencoder
+    return nn.Sequential(*blocks, nn.Linear(width, out_dim))

@@ -1,81 +1,32 @@
 """The paper's table from the metrics files: mean ± std over seeds, gains over the baseline with 95%
-intervals, the paper's reference values beside them, and whether each gain agrees with the paper.
-
-Gains are paired by seed (variant and baseline of one seed share data order and initialization):
-gain = mean over seeds of (variant − baseline), interval mean ± t(0.975, n−1) · sd / √n.
+intervals (pipeline.stats), the paper's reference values beside them, and whether each gain agrees with the paper;
+and the figures (pipeline.figures).
 """
 
 import csv
 import itertools
 import json
-import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
-from scipy.stats import t as student_t
 
 from pipeline.atomic import atomic_dir
 from pipeline.errors import UserError
-from pipeline.metrics import COLUMNS, EpochLog, LinearEvalMetrics, PretrainMetrics, collect, read_log
+from pipeline.figures import Figure, draw_figures, figures_markdown, write_figures
+from pipeline.metrics import COLUMNS, Cell, EpochLog, LinearEvalMetrics, PretrainMetrics, collect, read_log
 from pipeline.params import UNIT_ROUNDOFF, UNTRAINED, ExperimentParams
 from pipeline.plots import gains_chart, training_curves
 from pipeline.provenance import Machine, Provenance, machines
+from pipeline.stats import Gain, Summary, paired_gain, summarize
 
-Cell = tuple[str, str, str, int]  # dataset, method, variant, seed
 METRICS = {
     "top1": "Linear evaluation top-1, the paper's protocol",
     "probe_top1": "Fast frozen linear probe top-1",
     "knn_top1": "kNN top-1",
     "online_test_acc": "Online linear top-1 (during pretraining)",
 }
-
-
-@dataclass(frozen=True)
-class Summary:
-    mean: float
-    std: float | None  # None with one seed
-    n: int
-
-    def text(self) -> str:
-        return f"{self.mean:.2f}" + (f" ± {self.std:.2f}" if self.std is not None else "") + f" (n={self.n})"
-
-
-@dataclass(frozen=True)
-class Gain:
-    mean: float
-    low: float | None  # 95% interval; None with one seed
-    high: float | None
-    n: int
-
-    def agreement(self) -> str:
-        """With the paper's claim that every modification improves on its baseline."""
-        if self.low is None:
-            return "same sign, no spread (n=1)" if self.mean > 0 else "opposite sign, no spread (n=1)"
-        if self.low > 0:
-            return "agrees"
-        return "disagrees" if self.high is not None and self.high < 0 else "inconclusive"
-
-    def text(self) -> str:
-        interval = f" [{self.low:+.2f}, {self.high:+.2f}]" if self.low is not None else ""
-        return f"{self.mean:+.2f}{interval}"
-
-
-def summarize(values: list[float]) -> Summary:
-    return Summary(float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None, len(values))
-
-
-def paired_gain(variant: dict[int, float], baseline: dict[int, float]) -> Gain:
-    seeds = sorted(set(variant) & set(baseline))
-    differences = np.array([variant[s] - baseline[s] for s in seeds])
-    mean = float(differences.mean())
-    if len(seeds) < 2:
-        return Gain(mean, None, None, len(seeds))
-    half = float(student_t.ppf(0.975, len(seeds) - 1) * differences.std(ddof=1) / math.sqrt(len(seeds)))
-    return Gain(mean, mean - half, mean + half, len(seeds))
 
 
 def build_tables(
@@ -226,6 +177,7 @@ def _cell_text(row: dict | None) -> str:
 
 def write_report(
     experiment: ExperimentParams,
+    figures: list[Figure],
     pretrain_metrics: Path,
     linear_metrics: Path,
     untrained_metrics: Path,
@@ -234,8 +186,9 @@ def write_report(
     reference: Path,
     out: Path,
 ) -> dict:
-    """`out/`: results.md, results.csv, results.json, curves.csv (every cell's log.csv, for DVC's plots),
-    curves-<dataset>-<method>.png, gains.png. Returns the tables (results.json's content).
+    """`out/`: results.md, results.csv, results.json, curves.csv (the table's cells' log.csv files, for DVC's
+    plots), curves-<dataset>-<method>.png, gains.png, and each figure's files (pipeline.figures.write_figures).
+    Returns the tables (results.json's content, without the figures).
 
     `provenance/{pretrain,linear_eval,untrained}/` hold the stages' `Provenance` records (the machines).
 
@@ -244,33 +197,37 @@ def write_report(
     settings = list(itertools.product(experiment.datasets, experiment.methods))
     cells = [(d, m, v, s) for (d, m), v, s in itertools.product(settings, experiment.variants, experiment.seeds)]
     untrained = [(d, m, UNTRAINED, s) for (d, m), s in itertools.product(settings, experiment.seeds)]
-    pretrained = collect(pretrain_metrics, PretrainMetrics, cells)
-    evaluated = collect(linear_metrics, LinearEvalMetrics, cells) | collect(
+    every = list(dict.fromkeys(cells + [c for figure in figures for c in figure.cells()]))  # figures: table's too
+    pretrained = collect(pretrain_metrics, PretrainMetrics, every)
+    evaluated = collect(linear_metrics, LinearEvalMetrics, every) | collect(
         untrained_metrics, LinearEvalMetrics, untrained
     )
-    values = {
-        metric: {c: 100 * getattr(m, metric) for c, m in evaluated.items()}
+    values: dict[str, dict[Cell, float]] = {
+        metric: {c: 100 * getattr(evaluated[c], metric) for c in cells + untrained}
         for metric in ("top1", "probe_top1", "knn_top1")
     }
-    values["online_test_acc"] = {c: 100 * m.online_test_acc for c, m in pretrained.items()}
+    values["online_test_acc"] = {c: 100 * pretrained[c].online_test_acc for c in cells}
     protocols: dict[tuple[str, str], str] = {(d, m): evaluated[d, m, v, s].protocol for d, m, v, s in cells}
     tables = build_tables(values, paper["cells"], experiment.variants, protocols)
     tables["regularizer"] = regularizer_rows(pretrained)
+    drawn = draw_figures(figures, pretrained, evaluated)
     records = [
         record
-        for kind, kind_cells in (("pretrain", cells), ("linear_eval", cells), ("untrained", untrained))
+        for kind, kind_cells in (("pretrain", every), ("linear_eval", every), ("untrained", untrained))
         for record in collect(provenance / kind, Provenance, kind_cells).values()
     ]
     tables["machines"] = machines(records)
     logs: dict[Cell, list[EpochLog]] = {cell: read_log(run_log(cell)) for cell in cells}
-    histories = {(d, m, v): _mean_history([logs[d, m, v, s] for s in experiment.seeds]) for d, m, v, _ in cells}
+    histories = {(d, m, v): [logs[d, m, v, s] for s in experiment.seeds] for d, m, v, _ in cells}
     with atomic_dir(out) as staging:
-        (staging / "results.json").write_text(json.dumps({"claim": paper["claim"]} | tables, indent=2) + "\n")
+        results = {"claim": paper["claim"]} | tables | ({"figures": drawn} if drawn else {})
+        (staging / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         with open(staging / "results.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(tables["rows"])
-        (staging / "results.md").write_text(markdown(tables, experiment.variants, paper["claim"]))
+        text = markdown(tables, experiment.variants, paper["claim"])
+        (staging / "results.md").write_text(text + ("\n" + figures_markdown(drawn) if drawn else ""))
         _write_curves(logs, staging / "curves.csv")
         for dataset, method in settings:
             training_curves(
@@ -279,6 +236,7 @@ def write_report(
                 staging / f"curves-{dataset}-{method}.png",
             )
         gains_chart(tables["rows"], staging / "gains.png")
+        write_figures(drawn, staging)
     return tables
 
 
@@ -333,11 +291,3 @@ def _write_curves(logs: dict[Cell, list[EpochLog]], path: Path) -> None:
         for (dataset, method, variant, seed), log in logs.items():
             cell = f"{dataset}-{method}-{variant}-seed{seed}"
             writer.writerows([cell, *(f"{getattr(row, c):.6g}" for c in COLUMNS)] for row in log)
-
-
-def _mean_history(runs: list[list[EpochLog]]) -> list[dict]:
-    """Per-epoch rows of runs' logs, averaged over the runs (seeds)."""
-    return [
-        {key: float(np.mean([getattr(run[i], key) for run in runs])) for key in COLUMNS}
-        for i in range(min(len(run) for run in runs))
-    ]

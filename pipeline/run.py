@@ -11,6 +11,7 @@ from pipeline.datasets import get_dataset
 from pipeline.errors import UserError
 from pipeline.metrics import DatasetMetrics
 from pipeline.params import (
+    BASELINE_HEADS,
     UNTRAINED,
     AugmentationParams,
     BarlowTwinsCommon,
@@ -33,11 +34,29 @@ class Variant:
     mi_grad_fp32: bool  # the regularizer's gradient added in fp32 (its own backward pass) under bf16
     levels: int  # L of the quantizer
     sae: tuple[int, int] | None  # (d, k) of the sparse autoencoder
+    projector_layers: int  # the projector's shape (pipeline.projectors.build_head)
+    projector_hidden_dim: int
+    projector_out_dim: int
+    projector_batch_norm: bool
 
     @classmethod
-    def from_params(cls, name: str, knobs: VariantParams) -> "Variant":
+    def from_params(
+        cls, name: str, knobs: VariantParams, common: SimclrCommon | BarlowTwinsCommon, method: str
+    ) -> "Variant":
+        """The variant's switches; the projector's shape is the method's baseline head where its knobs are absent."""
         sae = (knobs.sae_latent_dim, knobs.sae_topk) if knobs.sae_latent_dim and knobs.sae_topk else None
-        return cls(name, knobs.mi_weight or 0.0, bool(knobs.mi_grad_fp32), knobs.levels or 0, sae)
+        layers, batch_norm = BASELINE_HEADS[method]
+        return cls(
+            name,
+            knobs.mi_weight or 0.0,
+            bool(knobs.mi_grad_fp32),
+            knobs.levels or 0,
+            sae,
+            layers if knobs.projector_layers is None else knobs.projector_layers,
+            knobs.projector_hidden_dim or common.projector_hidden_dim,
+            knobs.projector_out_dim or common.projector_out_dim,
+            batch_norm if knobs.projector_batch_norm is None else knobs.projector_batch_norm,
+        )
 
 
 @dataclass(frozen=True)
@@ -108,12 +127,12 @@ def cell_variant(params: Params, dataset: str, method: str, variant: str) -> Var
         raise UserError(f"unknown method {method!r}; choose from {', '.join(MethodsParams.model_fields)}")
     cell = getattr(getattr(params.pretrain, dataset), method)
     if variant == UNTRAINED:
-        return Variant(UNTRAINED, 0.0, False, 0, None)
+        return Variant.from_params(UNTRAINED, VariantParams(), cell.common, method)
     if variant not in cell.variants:
         raise UserError(
             f"unknown variant {variant!r}; pretrain.{dataset}.{method}.variants defines {', '.join(cell.variants)}"
         )
-    return Variant.from_params(variant, cell.variants[variant])
+    return Variant.from_params(variant, cell.variants[variant], cell.common, method)
 
 
 def make_run(

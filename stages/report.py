@@ -65,16 +65,18 @@ def report(
     params_file: ParamsFile = PARAMS_FILE,
 ) -> None:
     """Tables (mean ± std over seeds, the untrained encoder beside them, gains with 95% intervals, the paper's
-    values), whether the MI regularizer can act, plots, results.{md,csv,json}."""
+    values), whether the MI regularizer can act, the figures of `figures`, plots, results.{md,csv,json}."""
     from pipeline.atomic import atomic_file
+    from pipeline.figures import figures_of
     from pipeline.report import summary as summarize
     from pipeline.report import write_report
 
-    experiment = load_params(params_file).experiment
+    params = load_params(params_file)
     check_output(out, folder=True)
     check_output(summary)
     tables = write_report(
-        experiment,
+        params.experiment,
+        figures_of(params),
         pretrain_metrics,
         linear_metrics,
         untrained_metrics,
@@ -105,8 +107,10 @@ def audit(
 ) -> None:
     """Check that the outputs are what the code and params produce: every metrics file matches its
     schema, dvc.lock matches code and params, and the report regenerates identically."""
+    from pipeline.figures import figures_of
     from pipeline.report import write_report
 
+    params = load_params(params_file)
     for kind, schema in SCHEMAS.items():
         for path in sorted((metrics / kind).glob("*.json")):
             read(path, schema)
@@ -122,7 +126,8 @@ def audit(
     with tempfile.TemporaryDirectory() as tmp:
         regenerated = Path(tmp) / "reports"
         write_report(
-            load_params(params_file).experiment,
+            params.experiment,
+            figures_of(params),
             metrics / "pretrain",
             metrics / "linear_eval",
             metrics / "untrained",

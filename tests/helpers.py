@@ -134,6 +134,7 @@ TINY_COMMON = {
 }
 TINY_CELL = {"common": TINY_COMMON, "variants": {"sae": {"sae_latent_dim": 64, "sae_topk": 4}}}
 TINY_EVAL = {"epochs": 2, "batch_size": 16, "warmup_epochs": 0}
+TABLE_ONLY = {"bounds": {"points": []}, "ablations": {"points": []}}  # params' `figures` that add no cells
 
 
 def tiny_sections(**common) -> dict:
@@ -141,6 +142,7 @@ def tiny_sections(**common) -> dict:
     `common` overrides `pretrain.synthetic.<method>.common`."""
     cell = TINY_CELL | {"common": TINY_COMMON | common}
     return {
+        "figures": TABLE_ONLY,
         "datasets": {"synthetic": {"train_per_class": 8, "test_per_class": 4}},
         "training": {"loader_workers": 1, "eval_batch_size": 64},
         "pretrain": {"synthetic": {m: cell for m in ("simclr", "barlow_twins")}},

@@ -16,7 +16,7 @@ from pipeline.beton import SHM, SHM_PREFIX
 from pipeline.errors import UserError
 from pipeline.report import write_report
 from stages.report import run_logs
-from tests.helpers import REPO, pretrain_args, stage_process, tiny_params, write_params
+from tests.helpers import REPO, TABLE_ONLY, pretrain_args, stage_process, tiny_params, write_params
 from tests.test_pretrain import cell_run, train
 from tests.test_report import EXPERIMENT, write_cells
 
@@ -123,9 +123,9 @@ def test_report_that_cannot_write_keeps_the_previous_report(tmp_path):
     write_cells(tmp_path)
     reports, reference = tmp_path / "reports", REPO / "references" / "paper.yaml"
     folders = [tmp_path / name for name in ("pretrain", "linear_eval", "untrained", "provenance")]
-    write_report(EXPERIMENT, *folders, run_logs(tmp_path / "runs"), reference, reports)  # the previous report
+    write_report(EXPERIMENT, [], *folders, run_logs(tmp_path / "runs"), reference, reports)  # the previous report
     before = snapshot(tmp_path)
-    params = write_params(tmp_path / "p.yaml", experiment=EXPERIMENT.model_dump())
+    params = write_params(tmp_path / "p.yaml", experiment=EXPERIMENT.model_dump(), figures=TABLE_ONLY)
     options = ["--pretrain-metrics", "--linear-metrics", "--untrained-metrics", "--provenance"]
     paths = [arg for option, folder in zip(options, folders) for arg in (option, str(folder))]
     process, output = run_limited(

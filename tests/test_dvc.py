@@ -161,7 +161,9 @@ def assert_dvc_views_show_what_compares_runs(project: Path) -> None:
     plots = run(project, "dvc", "plots", "show", "--json")
     assert "failed to load" not in plots.stdout + plots.stderr
     drawn = json.loads(plots.stdout)
-    assert not drawn.get("errors") and len(drawn["data"]) == 6, drawn.get("errors")
+    # 6 quantities, and the 4 figures' plots, drawn empty with the table only (`figures` without points)
+    assert not drawn.get("errors") and len(drawn["data"]) == 6 + 4, drawn.get("errors")
+    assert all(drawn["data"][name] == [] for name in drawn["data"] if name.startswith("fig")), drawn["data"].keys()
     cells = {row["cell"] for row in drawn["data"]["SSL loss"][0]["content"]["data"]["values"]}
     assert cells == {f"synthetic-simclr-{v}-seed{s}" for v in ("baseline", "sae") for s in (0, 1)}
 

@@ -139,6 +139,125 @@ def test_variant_knobs_are_checked(tmp_path, variant, message):
         load_params(path)
 
 
+SAE = {"sae_latent_dim": 64, "sae_topk": 8}
+
+
+@pytest.mark.parametrize(
+    "method, variant, message",
+    [
+        (
+            "simclr",
+            {"projector_layers": 0, "projector_hidden_dim": 8},
+            "projector_hidden_dim: a projector of 0 linear layers has no hidden layer; remove projector_hidden_dim",
+        ),
+        (
+            "simclr",
+            {"projector_layers": 0, "projector_out_dim": 8},
+            "projector_out_dim: a projector of 0 linear layers keeps its input's width",
+        ),
+        (
+            "barlow_twins",
+            {"projector_layers": 1, "projector_batch_norm": True},
+            "projector_batch_norm: a projector of 1 linear layer has no hidden layer",
+        ),
+        (
+            "simclr",
+            {"projector_layers": 1, **SAE},
+            "projector_layers: found 1; the sparse autoencoder replaces the "
+            "projector's last two linear layers, so it needs at least 2",
+        ),
+        (
+            "simclr",
+            {"projector_hidden_dim": 8, **SAE},
+            "projector_hidden_dim: a projector of 2 linear layers with a sparse autoencoder has no hidden layer",
+        ),
+        (
+            "barlow_twins",
+            {"projector_out_dim": 8, **SAE},
+            "projector_out_dim: a projector of 3 linear layers with a sparse autoencoder keeps its input's width",
+        ),
+        ("simclr", {"projector_layers": 17}, "projector_layers: found 17; Input should be less than or equal to 16"),
+        ("simclr", {"projector_batch_norm": 1}, "projector_batch_norm: found 1; Input should be a valid boolean"),
+    ],
+)
+def test_projector_knobs_the_projector_cannot_use_are_named(tmp_path, method, variant, message):
+    path = write_params(tmp_path / "p.yaml", pretrain={"cifar10": {method: {"variants": {"new": variant}}}})
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert "\n" not in str(error.value)  # one problem, one line
+    assert str(error.value).startswith(f"{path}: pretrain.cifar10.{method}.variants.new.{message}")
+
+
+def test_projector_knobs_combine_with_the_papers_modifications(tmp_path):
+    variants = {
+        "deep_bn_quantized_regularized": {
+            "projector_layers": 4,
+            "projector_batch_norm": True,
+            "levels": 5,
+            "mi_weight": 1e-3,
+            "mi_grad_fp32": True,
+        },
+        "none": {"projector_layers": 0},
+        "linear_wide": {"projector_layers": 1, "projector_out_dim": 1024},
+        "sae_after_two_blocks": {"projector_layers": 4, "projector_hidden_dim": 128, **SAE},
+    }
+    path = write_params(tmp_path / "p.yaml", pretrain={"cifar10": {"barlow_twins": {"variants": variants}}})
+    assert load_params(path).pretrain.cifar10.barlow_twins.variants["none"].projector_layers == 0
+
+
+@pytest.mark.parametrize(
+    "figures, message",
+    [
+        (
+            {"bounds": {"points": ["nope"]}},
+            "figures.bounds.points: 'nope' is not defined under pretrain.cifar10.simclr.variants",
+        ),
+        (
+            {"bounds": {"points": ["linear", "mi_reg"]}},
+            "figures.bounds.points: 'mi_reg' is a variant of the table, whose cells it reads; remove it",
+        ),
+        (
+            {"bounds": {"points": ["levels_1"]}},
+            "figures.ablations.points: 'levels_1' is a point of figures.bounds too; keep it in one",
+        ),
+        (
+            {"bounds": {"dataset": "synthetic"}},
+            "figures.bounds.dataset: 'synthetic' is not in experiment.datasets: "
+            "a figure reads the table's untrained (and baseline) cells",
+        ),
+        ({"ablations": {"seeds": [5, 9]}}, "figures.ablations.seeds: [9] not in experiment.seeds"),
+        (
+            {"ablations": {"points": ["linear"]}},
+            "figures.ablations.points: 'linear' must switch on exactly one of "
+            "mi_weight (with mi_grad_fp32), levels or sae_latent_dim/sae_topk, and keep the baseline's projector",
+        ),
+        (
+            {"ablations": {"points": ["levels_1", "levels_30"]}},
+            "figures.ablations.points: 'levels_30' has levels = 30 like 'discrete'",
+        ),
+        (
+            {"ablations": {"points": ["levels_1", "levels_1"]}},
+            "figures.ablations.points: found ['levels_1', 'levels_1']; Value error, each entry may appear once",
+        ),
+    ],
+)
+def test_figure_points_must_be_buildable_beside_the_table(tmp_path, figures, message):
+    variants = {"levels_30": {"levels": 30}}
+    path = write_params(tmp_path / "p.yaml", figures=figures, pretrain={"cifar10": {"simclr": {"variants": variants}}})
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert message in str(error.value)
+
+
+def test_figures_need_the_tables_baseline_and_empty_figures_need_nothing(tmp_path):
+    path = write_params(tmp_path / "p.yaml", experiment={"variants": ["mi_reg"]})
+    with pytest.raises(ParamsError, match="figures.ablations: its curves are drawn against the table's baseline: add "):
+        load_params(path)
+    empty = {"bounds": {"dataset": "folder", "points": []}, "ablations": {"points": []}}
+    path = write_params(tmp_path / "p.yaml", experiment={"variants": ["mi_reg"]}, figures=empty)
+    assert load_params(path).figures.bounds.points == []
+
+
 def test_epochs_must_fit(tmp_path):
     path = write_params(
         tmp_path / "p.yaml",

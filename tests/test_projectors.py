@@ -2,8 +2,11 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
-from pipeline.projectors import HEADS, Projector, SparseAutoencoder, quantize
+from pipeline.params import BASELINE_HEADS, VariantParams
+from pipeline.projectors import Projector, SparseAutoencoder, build_head, quantize
+from pipeline.run import Variant
 
 
 @pytest.mark.parametrize("levels", [2, 3, 4, 5, 30])
@@ -56,14 +59,73 @@ def test_sae_topk_must_fit_latent_dim():
         SparseAutoencoder(4, 10, 11)
 
 
-@pytest.mark.parametrize("method", sorted(HEADS))
-@pytest.mark.parametrize("sae, levels", [(None, 0), (None, 3), ((64, 8), 0), ((64, 8), 30)])
-def test_every_projector_variant_has_shapes_and_gradients(method, sae, levels):
+SHAPES = [  # (layers, batch_norm, sae): every kind of projector a variant can ask for
+    (layers, batch_norm, sae)
+    for layers in range(5)
+    for batch_norm in (False, True)
+    for sae in (None, (64, 8))
+    if layers >= 2 or (sae is None and not batch_norm)
+]
+
+
+@pytest.mark.parametrize("layers, batch_norm, sae", SHAPES)
+@pytest.mark.parametrize("levels", [0, 3])
+def test_every_projector_has_shapes_and_gradients(layers, batch_norm, sae, levels):
     torch.manual_seed(0)
-    projector = Projector(HEADS[method](32, 48, 16, sae), levels)
-    z = projector(torch.randn(10, 32))
-    expected_dim = 16 if sae is None else (32 if method == "simclr" else 48)
-    assert z.shape == (10, expected_dim) and torch.isfinite(z).all()
+    projector = Projector(build_head(32, layers, 48, 16, batch_norm, sae), levels)
+    h = torch.randn(10, 32, requires_grad=True)
+    z = projector(h)
+    width = 32 if layers == 0 or (sae and layers == 2) else 48 if sae else 16  # an SAE keeps its input's width
+    assert z.shape == (10, width) and torch.isfinite(z).all()
     (z * torch.randn_like(z)).sum().backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0  # the encoder is trained through it
     for name, parameter in projector.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def heads_before_projector_knobs(method: str, in_dim: int, hidden: int, out: int, sae) -> nn.Module:
+    """simclr_head and barlow_twins_head as they were before variants could shape the projector (commit 2912e5e)."""
+    if method == "simclr":
+        if sae:
+            return SparseAutoencoder(in_dim, *sae)
+        return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+    first = [nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+    if sae:
+        return nn.Sequential(*first, SparseAutoencoder(hidden, *sae))
+    return nn.Sequential(
+        *first, nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)
+    )
+
+
+@pytest.mark.parametrize("method", sorted(BASELINE_HEADS))
+@pytest.mark.parametrize("knobs", [{}, {"sae_latent_dim": 128, "sae_topk": 64}, {"levels": 100}])
+def test_default_variants_build_the_same_modules_as_before(params, method, knobs):
+    """The committed variants, which give no projector knobs, keep their heads: same modules, parameter names and
+    shapes, and from one seed the same initial weights (so their runs are unchanged)."""
+    common = getattr(params.pretrain.synthetic, method).common
+    variant = Variant.from_params("v", VariantParams(**knobs), common, method)
+    torch.manual_seed(0)
+    new = build_head(
+        32,
+        variant.projector_layers,
+        variant.projector_hidden_dim,
+        variant.projector_out_dim,
+        variant.projector_batch_norm,
+        variant.sae,
+    )
+    torch.manual_seed(0)
+    old = heads_before_projector_knobs(method, 32, common.projector_hidden_dim, common.projector_out_dim, variant.sae)
+    assert repr(new) == repr(old)
+    assert new.state_dict().keys() == old.state_dict().keys()
+    for name, tensor in old.state_dict().items():
+        assert torch.equal(new.state_dict()[name], tensor), name
+
+
+def test_a_variant_shapes_its_projector_and_keeps_the_rest_of_the_baseline(params):
+    common = params.pretrain.synthetic.barlow_twins.common
+    variant = Variant.from_params("v", VariantParams(projector_layers=2, projector_out_dim=8), common, "barlow_twins")
+    head = build_head(
+        32, 2, variant.projector_hidden_dim, variant.projector_out_dim, variant.projector_batch_norm, None
+    )
+    assert [type(m).__name__ for m in head] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert (head[0].out_features, head[3].out_features) == (common.projector_hidden_dim, 8)

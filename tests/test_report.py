@@ -3,6 +3,7 @@
 import csv
 import json
 import re
+import struct
 
 import pytest
 from typer.testing import CliRunner
@@ -11,7 +12,8 @@ from pipeline.errors import UserError
 from pipeline.metrics import EpochLog, LinearEvalMetrics, PretrainMetrics, write_log
 from pipeline.params import ExperimentParams
 from pipeline.provenance import Machine, Provenance
-from pipeline.report import paired_gain, summary, write_report
+from pipeline.report import summary, write_report
+from pipeline.stats import paired_gain
 from stages.cli import app
 from stages.report import run_logs
 from tests.helpers import REPO
@@ -98,6 +100,7 @@ def write_cells(root, precision="fp32", ratio=1e-3, mi_grad_fp32=False):
 def make_report(root, out):
     return write_report(
         EXPERIMENT,
+        [],  # no figures: tests/test_figures_dvc.py draws them
         root / "pretrain",
         root / "linear_eval",
         root / "untrained",
@@ -149,6 +152,23 @@ def test_markdown_csv_and_plots_are_written(report):
     rows = list(csv.DictReader((report / "results.csv").open()))
     assert len(rows) == 3 * 3 + 2 and rows[0]["metric"] == "top1"  # untrained, baseline, mi_reg; online: no untrained
     assert sorted(p.name for p in report.glob("*.png")) == ["curves-cifar10-simclr.png", "gains.png"]
+
+
+def test_the_plotted_figure_files_exist_without_figures(report):
+    """dvc.yaml plots the figures' CSVs: with the table only they are a header alone, which `dvc plots show` draws
+    empty (a missing file made it report "failed to load")."""
+    plotted = ["fig3-bounds.csv", "fig4-levels.csv", "fig4-mi_weight.csv", "fig4-sae_sparsity.csv"]
+    assert all(len((report / name).read_text().splitlines()) == 1 for name in plotted)
+    assert not list(report.glob("fig*.png")) and not (report / "fig3-correlations.csv").exists()
+
+
+def test_figures_fit_a_laptop_screen(report):
+    """Issue 19.4: curves-<dataset>-<method>.png was 2400×320 px, six panels in one row; now a grid of panels,
+    and every PNG fits 1400×1000 px (read at 100%)."""
+    for path in report.glob("*.png"):
+        width, height = struct.unpack(">II", path.read_bytes()[16:24])  # the PNG header's IHDR
+        assert width <= 1400 and height <= 1000, (path.name, width, height)
+    assert struct.unpack(">II", (report / "curves-cifar10-simclr.png").read_bytes()[16:24])[1] >= 600  # two rows
 
 
 def test_report_is_reproducible_byte_for_byte(report, tmp_path):

@@ -1,6 +1,7 @@
 """The cells of the DVC matrix and which of them are stale, read from DVC itself (`dvc dag`, `dvc status`),
 never from params.yaml: whatever the matrix's axes, a cell is `pretrain@KEY` and the stages below it that
-share its matrix key (`linear-eval@KEY`), or an `untrained@KEY` evaluation alone."""
+share its matrix key (`linear-eval@KEY`), or an `untrained@KEY` evaluation alone; a group named after a root
+(`pretrain-bounds@KEY`, a figure's cells) starts cells too."""
 
 import json
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 
-CELL_ROOTS = ("pretrain", "untrained")  # the stages that start a cell
+CELL_ROOTS = ("pretrain", "untrained")  # the stage groups that start a cell, and those named ROOT-<something>
 EDGE = re.compile(r'^"(?P<parent>[^"]+)" -> "(?P<child>[^"]+)";$')  # a line of `dvc dag --dot`
 NODE = re.compile(r'^"(?P<name>[^"]+)";$')
 
@@ -50,10 +51,15 @@ def read_plan() -> Plan:
         elif node := NODE.match(line):
             nodes.append(node["name"])
     children = {node: [c for p, c in edges if p == node] for node in nodes}
-    cells = tuple(_cell(name, children) for name in nodes if name.split("@")[0] in CELL_ROOTS)
+    cells = tuple(_cell(name, children) for name in nodes if _starts_a_cell(name))
     in_cells = {stage for cell in cells for stage in cell.stages}
     data = tuple(dict.fromkeys(p for p, c in edges if c in in_cells and p not in in_cells))
     return Plan(data_stages=data, cells=cells)
+
+
+def _starts_a_cell(name: str) -> bool:
+    group = name.split("@")[0]
+    return "@" in name and any(group == root or group.startswith(f"{root}-") for root in CELL_ROOTS)
 
 
 def _cell(root: str, children: dict[str, list[str]]) -> Cell:
@@ -63,7 +69,7 @@ def _cell(root: str, children: dict[str, list[str]]) -> Cell:
     stages = [root]
     for stage in stages:
         stages += [c for c in children[stage] if c.endswith(f"@{key}") and c not in stages]
-    return Cell(key=key if root.startswith("pretrain@") else root.replace("@", "-"), stages=tuple(stages))
+    return Cell(key=key if root.startswith("pretrain") else root.replace("@", "-"), stages=tuple(stages))
 
 
 def run_data_stages(plan: Plan) -> None:
