@@ -150,9 +150,17 @@ def _protocol(
         with torch.no_grad():
             logits = classifier(frozen["test"][0].to(device)).cpu()
         return topk_accuracy(logits, frozen["test"][1], 1), topk_accuracy(logits, frozen["test"][1], 5)
-    view = ViewSpec.from_params(params.view, run.crop_size, crop=not run.decoder_crops)
+    view = params.view
+    if setting.crop_scale is not None:
+        view = view.model_copy(update={"crop_scale": setting.crop_scale})
     batches, steps = augmented_batches(
-        run, view, data / "train.beton", setting.batch_size, device, workers, memory_format
+        run,
+        ViewSpec.from_params(view, run.crop_size, crop=not run.decoder_crops),
+        data / "train.beton",
+        setting.batch_size,
+        device,
+        workers,
+        memory_format,
     )
     if setting.protocol == "finetune":
         model = nn.Sequential(backbone, classifier)

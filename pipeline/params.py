@@ -323,6 +323,12 @@ class ProtocolParams(FitParams):
             "features: classifier on features of the plain train images, computed once."
         )
     )
+    crop_scale: list[Probability] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="This dataset and method's crop area range, instead of linear_eval.view's (null: view's).",
+    )
 
 
 class EvalMethods(Strict):
