@@ -92,6 +92,32 @@ def test_only_finetune_changes_the_encoder(tiny_dataset, pretrained, tmp_path, p
     assert 0 <= result.top1 <= result.top5 <= 1 and 0 <= result.knn_top1 <= 1 and 0 <= result.probe_top1 <= 1
 
 
+def test_a_protocols_crop_scale_replaces_the_views_for_it_alone(tiny_dataset, pretrained, tmp_path):
+    """`linear_eval.<dataset>.<method>.crop_scale` trains exactly as `linear_eval.view.crop_scale` set to it (the
+    finetune protocol: the encoder's weights after training show the crops it saw)."""
+
+    def finetuned(name, view_scale, protocol_scale):
+        path = write_params(
+            tmp_path / f"{name}.yaml",
+            tiny_params(tmp_path / f"{name}.yaml", epochs=1),
+            linear_eval={
+                "view": {"crop_scale": view_scale},
+                "synthetic": {"simclr": {"protocol": "finetune", "crop_scale": protocol_scale}},
+            },
+        )
+        run, params = tiny_run(path, tiny_dataset)
+        backbone = load_backbone(run, pretrained)
+        linear_eval(run, backbone, tiny_dataset / "ffcv", params.linear_eval, params.optimizer, CPU)
+        return backbone.state_dict()
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    overridden = finetuned("overridden", [0.08, 1.0], [0.6, 0.7])
+    assert same(overridden, finetuned("view", [0.6, 0.7], None))
+    assert not same(overridden, finetuned("default", [0.08, 1.0], None))
+
+
 def test_untrained_encoder_is_the_pretraining_runs_starting_point(tiny_dataset, tmp_path):
     """`untrained` evaluates the encoder `pretrain` starts from: a 0-step checkpoint of any variant scores the same."""
     path = tiny_params(tmp_path / "p.yaml", epochs=1)
@@ -130,6 +156,7 @@ def test_defaults_are_the_reference_protocols(params):
     assert params.linear_eval.cifar10.simclr.warmup_epochs == 10 and params.optimizer.eta == 0.02
     view = params.linear_eval.view
     assert (view.crop_scale, view.flip_p, view.jitter_p, view.grayscale_p, view.blur_p) == ([0.08, 1.0], 0.5, 0, 0, 0)
+    assert params.linear_eval.cifar10.simclr.crop_scale is None  # the view's: only the demo has its own
 
 
 def test_extracted_labels_are_in_file_order_across_many_batches(tiny_dataset):
