@@ -153,14 +153,9 @@ def _protocol(
     view = params.view
     if setting.crop_scale is not None:
         view = view.model_copy(update={"crop_scale": setting.crop_scale})
+    spec = ViewSpec.from_params(view, run.crop_size, crop=not run.decoder_crops)
     batches, steps = augmented_batches(
-        run,
-        ViewSpec.from_params(view, run.crop_size, crop=not run.decoder_crops),
-        data / "train.beton",
-        setting.batch_size,
-        device,
-        workers,
-        memory_format,
+        run, spec, data / "train.beton", setting.batch_size, device, workers, memory_format
     )
     if setting.protocol == "finetune":
         model = nn.Sequential(backbone, classifier)
