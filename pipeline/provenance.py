@@ -28,6 +28,7 @@ from pipeline.params import Strict
 # oneDNN names its ISA in its verbose log, once per process, on its first primitive (a convolution this big)
 _PROBE = "torch.nn.functional.conv2d(torch.ones(8, 16, 32, 32), torch.ones(32, 16, 3, 3))"
 _ISA = re.compile(r"^onednn_verbose,.*\bisa:(.+)$", re.MULTILINE)
+CODE_VERSION_VARIABLE = "PROJECTOR_IB_CODE_VERSION"  # set where the code runs from a copy: scripts/demo's workspace
 
 
 class Machine(Strict):
@@ -42,7 +43,7 @@ class Machine(Strict):
     cudnn: str | None
     ffcv: str | None
     python: str
-    code_version: str = Field(description="`git describe --always --dirty` of the code that ran.")
+    code_version: str = Field(description="`git describe --always --dirty` of the code that ran (`code_version()`).")
 
     def text(self) -> str:
         gpu = f"{self.gpu} (driver {self.gpu_driver}), " if self.gpu else ""
@@ -88,6 +89,9 @@ def machine(device: torch.device) -> Machine:
 
 @functools.cache
 def code_version() -> str:
+    """$PROJECTOR_IB_CODE_VERSION if set, else `git describe --always --dirty` here ("unknown" outside git)."""
+    if version := os.environ.get(CODE_VERSION_VARIABLE):
+        return version
     result = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True)
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from pipeline.provenance import CODE_VERSION_VARIABLE
 from tests.helpers import REPO
 
 RECORD = "import torch; from pipeline.provenance import machine; print(machine(torch.device('cpu')).model_dump_json())"
@@ -32,3 +33,4 @@ def test_the_record_names_the_code_path_the_process_runs():
     assert native["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert native["torch"] == torch.__version__ and native["threads"] >= 1 and native["gpu"] is None
     assert native["code_version"] != "unknown"  # the repository's git describe
+    assert record(**{CODE_VERSION_VARIABLE: "v1.2-3-gabc1234"})["code_version"] == "v1.2-3-gabc1234"  # a copy's source
