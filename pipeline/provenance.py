@@ -43,7 +43,7 @@ class Machine(Strict):
     cudnn: str | None
     ffcv: str | None
     python: str
-    code_version: str = Field(description="`git describe --always --dirty` of the code that ran (`code_version()`).")
+    code_version: str = Field(description="`git describe --always --dirty` of the code that ran.")
 
     def text(self) -> str:
         gpu = f"{self.gpu} (driver {self.gpu_driver}), " if self.gpu else ""
